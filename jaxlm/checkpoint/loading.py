@@ -1,0 +1,190 @@
+"""Building a model from an HF or jaxlm directory, and saving it back.
+
+No random initialization happens: the model is created abstractly
+(`nnx.eval_shape`) and each parameter is filled from the checkpoint as it is
+read, cast to ``param_dtype`` and placed with its sharding. Stacked
+(scanned) layers are filled layer by layer into a donated buffer, so no
+parameter is ever held twice on device.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxlm.checkpoint import hf_layout, jaxlm_format
+from jaxlm.checkpoint.hf_reader import HFCheckpoint, is_hf_checkpoint
+from jaxlm.config import InternLM2Config
+from jaxlm.errors import CheckpointError
+from jaxlm.files import atomic_output_dir, copy_if_present
+from jaxlm.nn.params import logical_axes
+
+# Files that travel with the weights (tokenizer, generation defaults, and the
+# original remote code so the HF side still loads with trust_remote_code).
+SIDECAR_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                 "generation_config.json", "configuration_internlm2.py", "modeling_internlm2.py",
+                 "tokenization_internlm2.py", "tokenization_internlm2_fast.py")
+
+
+def _layer_split(name: str) -> tuple[int | None, str]:
+    """'model.layers.3.attention.wo.kernel' -> (3, 'model.layers.attention.wo.kernel')."""
+    parts = name.split(".")
+    if parts[:2] == ["model", "layers"] and parts[2].isdigit():
+        return int(parts[2]), ".".join(parts[:2] + parts[3:])
+    return None, name
+
+
+def _variables(state: nnx.State) -> dict[str, nnx.Variable]:
+    """Dotted path -> Variable of an (abstract) model state."""
+    out = {}
+    for path, var in nnx.to_flat_state(state):
+        out[".".join(str(p) for p in path)] = var
+    return out
+
+
+def param_sharding(var: nnx.Variable, mesh):
+    if mesh is None:
+        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    from jaxlm.sharding import logical_to_spec
+
+    return jax.sharding.NamedSharding(mesh, logical_to_spec(logical_axes(var), mesh.axis_names))
+
+
+@functools.partial(jax.jit, donate_argnums=0, static_argnums=2)
+def _set_layer(buffer, value, index):
+    return buffer.at[index].set(value.astype(buffer.dtype))
+
+
+class _StateFiller:
+    """Receives per-layer (canonical) tensors and fills the model's variables."""
+
+    def __init__(self, model: nnx.Module, mesh):
+        self.scanned = model.options.scan_layers
+        self.vars = _variables(nnx.state(model, nnx.Param))
+        self.mesh = mesh
+        self.filled: dict[str, int] = {}
+
+    def target(self, name: str):
+        """The (shape, dtype, sharding) one canonical tensor must take."""
+        layer, stacked_name = _layer_split(name)
+        key = stacked_name if self.scanned and layer is not None else name
+        var = self.vars.get(key)
+        if var is None:
+            raise CheckpointError(f"parameter {name!r} does not belong to this model")
+        abstract = var.get_value()
+        shape = abstract.shape[1:] if key != name else abstract.shape
+        sharding = param_sharding(var, self.mesh)
+        if key != name and self.mesh is not None:  # drop the layers axis of the spec
+            spec = sharding.spec
+            sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(*spec[1:]))
+        return key, tuple(shape), abstract.dtype, sharding
+
+    def put(self, name: str, array) -> None:
+        key, shape, dtype, sharding = self.target(name)
+        if tuple(array.shape) != shape:
+            raise CheckpointError(f"tensor {name!r} has shape {tuple(array.shape)}, expected {shape}")
+        var = self.vars[key]
+        if key == name:
+            var.set_value(jax.device_put(jnp.asarray(array, dtype) if isinstance(array, np.ndarray)
+                                         else array.astype(dtype), sharding))
+        else:
+            layer, _ = _layer_split(name)
+            if key not in self.filled:
+                full = var.get_value()
+                var.set_value(jnp.zeros(full.shape, full.dtype, device=param_sharding(var, self.mesh)))
+            var.set_value(_set_layer(var.get_value(), jax.device_put(array, sharding), layer))
+        self.filled[key] = self.filled.get(key, 0) + 1
+
+    def check_complete(self, source: str) -> None:
+        for key, var in self.vars.items():
+            if not isinstance(var.get_value(), jax.Array):
+                raise CheckpointError(f"{source}: no value for parameter {key!r}")
+
+
+def load_pretrained(cls, path: str, *, dtype=None, param_dtype=None, mesh=None,
+                    scan_layers: bool = False, attention_impl: str = "auto", remat: str = "none"):
+    """`InternLM2ForCausalLM.from_pretrained`: HF directory or jaxlm checkpoint."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: not a directory (expected an HF or jaxlm checkpoint)")
+    config = InternLM2Config.from_pretrained(path)
+    if jaxlm_format.is_jaxlm_checkpoint(path):
+        stored_dtype = jaxlm_format.read_marker(path)["param_dtype"]
+        reader = None
+    elif is_hf_checkpoint(path):
+        reader = HFCheckpoint(path, config)
+        reader.validate()
+        stored_dtype = reader.checkpoint_dtype()
+    else:
+        raise CheckpointError(f"{path}: neither an HF checkpoint (model.safetensors, pytorch_model.bin "
+                              f"or an index) nor a jaxlm checkpoint ({jaxlm_format.MARKER})")
+    param_dtype = param_dtype or stored_dtype
+    dtype = dtype or param_dtype
+    model = nnx.eval_shape(lambda: cls(config, dtype=dtype, param_dtype=param_dtype,
+                                       scan_layers=scan_layers, attention_impl=attention_impl,
+                                       remat=remat, rngs=nnx.Rngs(0)))
+    filler = _StateFiller(model, mesh)
+    if reader is not None:
+        for name, array in reader.iter_jaxlm():
+            filler.put(name, array)
+    else:
+        _fill_from_jaxlm(path, config, filler)
+    filler.check_complete(path)
+    return model
+
+
+def _fill_from_jaxlm(path: str, config: InternLM2Config, filler: _StateFiller) -> None:
+    stored = jaxlm_format.stored_arrays(path)
+    expected = hf_layout.by_jaxlm_name(config)
+    for name, entry in expected.items():
+        if name not in stored:
+            raise CheckpointError(f"{path}: missing parameter {name!r}")
+        want = entry.rule.jaxlm_shape(config)
+        if stored[name][0] != want:
+            raise CheckpointError(f"{path}: parameter {name!r} has shape {stored[name][0]}, "
+                                  f"but the config implies {want}")
+    unexpected = sorted(set(stored) - set(expected))
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected parameter {unexpected[0]!r} for this config")
+    # One Orbax restore per layer group keeps host/device staging small.
+    groups: dict[str, list[str]] = {}
+    for name in expected:
+        layer, _ = _layer_split(name)
+        groups.setdefault("top" if layer is None else str(layer), []).append(name)
+    for names in groups.values():
+        targets = {}
+        for name in names:
+            _, shape, dtype, sharding = filler.target(name)
+            targets[name] = jax.ShapeDtypeStruct(shape, stored[name][1], sharding=sharding)
+        for name, array in jaxlm_format.load_arrays(path, targets).items():
+            filler.put(name, array)
+
+
+def iter_canonical(model) -> "Iterator[tuple[str, np.ndarray]]":
+    """Yields the model's parameters as host arrays under per-layer jaxlm names."""
+    vars_ = _variables(nnx.state(model, nnx.Param))
+    scanned = model.options.scan_layers
+    for entry in hf_layout.entries(model.config):
+        name = entry.jaxlm_name
+        layer, stacked_name = _layer_split(name)
+        if scanned and layer is not None:
+            value = vars_[stacked_name].get_value()[layer]
+        else:
+            value = vars_[name].get_value()
+        yield name, np.asarray(jax.device_get(value))
+
+
+def save_pretrained(model, dst: str, *, overwrite: bool = False, source_dir: str | None = None) -> str:
+    """Writes a jaxlm checkpoint directory (streaming, one layer at a time)."""
+    with atomic_output_dir(dst, overwrite) as tmp:
+        dtype = jnp.dtype(model.options.param_dtype).name
+        jaxlm_format.save_params(tmp, iter_canonical(model), param_dtype=dtype)
+        config = model.config.replace(extra={**model.config.extra, "torch_dtype": dtype})
+        config.to_json_file(os.path.join(tmp, "config.json"))
+        if source_dir is not None:
+            copy_if_present(source_dir, tmp, SIDECAR_FILES)
+    return dst

@@ -1,0 +1,216 @@
+"""InternLM2 / InternLM2.5: a thin model file over the shared layers in `jaxlm.nn`.
+
+Parameter names follow the HF checkpoint (``tok_embeddings``, ``attention.wqkv``,
+``feed_forward.w1``, ...) so the conversion table reads one-to-one.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm.config import InternLM2Config
+from jaxlm.models.options import ModelOptions
+from jaxlm.nn.attention import make_attention_mask, xla_attention
+from jaxlm.nn.embed import Embed
+from jaxlm.nn.linear import Einsum
+from jaxlm.nn.mlp import SwiGLU
+from jaxlm.nn.norm import RMSNorm
+from jaxlm.nn.rotary import RopeConfig, apply_rope, dynamic_ntk_base, rope_cos_sin
+from jaxlm.nn.stack import make_stacked, run_layers
+from jaxlm.sharding import constrain
+
+ACT = ("batch", "length", "act_embed")
+
+
+def rope_config(cfg: InternLM2Config) -> RopeConfig:
+    return RopeConfig(head_dim=cfg.head_dim, theta=float(cfg.rope_theta), scaling_type=cfg.rope_type,
+                      factor=cfg.rope_factor, max_position_embeddings=cfg.max_position_embeddings)
+
+
+class InternLM2Attention(nnx.Module):
+    """Grouped-query attention with the original packed ``wqkv`` projection.
+
+    ``wqkv.kernel`` is ``[embed, kv_heads, G + 2, head_dim]``: for kv head ``k``
+    the slots are its G query heads, then its key, then its value, exactly the
+    HF row order. Tensor parallelism splits it along ``kv_heads``.
+    """
+
+    def __init__(self, cfg: InternLM2Config, opts: ModelOptions, *, rngs: nnx.Rngs):
+        E, H, K, G, D = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+                         cfg.q_per_kv, cfg.head_dim)
+        self.group = G
+        kw = dict(init_std=cfg.initializer_range, dtype=opts.dtype, param_dtype=opts.param_dtype, rngs=rngs)
+        # C indexes the slots of a kv group: queries 0..G-1, key G, value G+1.
+        self.wqkv = Einsum("BTE,EKCD->BTKCD", (E, K, G + 2, D), ("embed", "kv_heads", "qkv", "head_dim"),
+                           bias_shape=(K, G + 2, D) if cfg.bias else None,
+                           bias_axes=("kv_heads", "qkv", "head_dim"), **kw)
+        self.wo = Einsum("BTHD,HDE->BTE", (H, D, E), ("heads", "head_dim", "embed"),
+                         bias_shape=(E,) if cfg.bias else None, bias_axes=("embed",), **kw)
+
+    def __call__(self, x, cos, sin, mask, kv_cache=None, write_slot=None):
+        G = self.group
+        qkv = self.wqkv(x)                                        # [B, T, K, G+2, D]
+        q = apply_rope(qkv[:, :, :, :G], cos, sin)                # [B, T, K, G, D]
+        k = apply_rope(qkv[:, :, :, G], cos, sin)                 # [B, T, K, D]
+        v = qkv[:, :, :, G + 1]                                   # [B, T, K, D]
+        q = constrain(q, ("batch", "length", "act_kv_heads", None, "head_dim"))
+        new_cache = None
+        if kv_cache is not None:
+            k, v = new_cache = _write_cache(kv_cache, k, v, write_slot)
+        out = xla_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)   # [B, T, K, G, D]
+        B, T = out.shape[:2]
+        out = out.reshape(B, T, -1, out.shape[-1])               # [B, T, H, D], head = k*G + g
+        return self.wo(out), new_cache
+
+
+def _write_cache(kv_cache, k, v, write_slot):
+    """Writes new keys/values at per-row slots ``write_slot [B]`` (T tokens each)."""
+    k_cache, v_cache = kv_cache
+    rows = jnp.arange(k.shape[0])[:, None]
+    slots = write_slot[:, None] + jnp.arange(k.shape[1])[None, :]         # [B, T]
+    k_cache = k_cache.at[rows, slots].set(k.astype(k_cache.dtype), mode="drop")
+    v_cache = v_cache.at[rows, slots].set(v.astype(v_cache.dtype), mode="drop")
+    return k_cache, v_cache
+
+
+class InternLM2DecoderLayer(nnx.Module):
+    def __init__(self, cfg: InternLM2Config, opts: ModelOptions, *, rngs: nnx.Rngs):
+        norm_kw = dict(dtype=opts.dtype, param_dtype=opts.param_dtype, rngs=rngs)
+        self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm_kw)
+        self.attention = InternLM2Attention(cfg, opts, rngs=rngs)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm_kw)
+        self.feed_forward = SwiGLU(cfg.hidden_size, cfg.intermediate_size, init_std=cfg.initializer_range,
+                                   dtype=opts.dtype, param_dtype=opts.param_dtype, rngs=rngs)
+
+    def __call__(self, x, cos, sin, mask, kv_cache=None, write_slot=None):
+        h, new_cache = self.attention(self.attention_norm(x), cos, sin, mask, kv_cache, write_slot)
+        x = constrain(x + h, ACT)
+        x = constrain(x + self.feed_forward(self.ffn_norm(x)), ACT)
+        return x, new_cache
+
+
+class InternLM2Model(nnx.Module):
+    """Embedding, decoder layers and final norm (the HF ``model.`` prefix)."""
+
+    def __init__(self, cfg: InternLM2Config, opts: ModelOptions, *, rngs: nnx.Rngs):
+        self.rope = rope_config(cfg)
+        self.options = opts
+        kw = dict(dtype=opts.dtype, param_dtype=opts.param_dtype, rngs=rngs)
+        self.tok_embeddings = Embed(cfg.vocab_size, cfg.hidden_size, init_std=cfg.initializer_range, **kw)
+        make = lambda r: InternLM2DecoderLayer(cfg, opts, rngs=r)
+        if opts.scan_layers:
+            self.layers = make_stacked(make, cfg.num_hidden_layers, rngs)
+        else:
+            self.layers = nnx.List([make(rngs) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+
+    def __call__(self, input_ids, positions, mask, *, rope_len=None, kv_caches=None, write_slot=None):
+        """Hidden states ``[B, T, E]`` (and updated caches when ``kv_caches`` is given).
+
+        ``rope_len`` is the sequence length L that fixes the dynamic-NTK base;
+        by default ``max(positions) + 1`` of this call, as in the reference.
+        """
+        if rope_len is None:
+            rope_len = jnp.max(positions) + 1
+        base = dynamic_ntk_base(self.rope, rope_len)
+        cos, sin = rope_cos_sin(positions, self.rope, base, self.options.dtype)
+        x = constrain(self.tok_embeddings(input_ids), ACT)
+
+        def layer_fn(layer, h, cache):
+            return layer(h, cos, sin, mask, cache, write_slot)
+
+        x, new_caches = run_layers(self.layers, x, layer_fn, kv_caches,
+                                   scanned=self.options.scan_layers, remat=self.options.remat)
+        return self.norm(x), new_caches
+
+
+class InternLM2ForCausalLM(nnx.Module):
+    """The causal LM: `InternLM2Model` plus the output head (``output``, or tied)."""
+
+    def __init__(self, config: InternLM2Config, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 scan_layers: bool = False, attention_impl: str = "auto", remat: str = "none",
+                 rngs: nnx.Rngs | None = None):
+        self.config = config
+        self.options = ModelOptions(dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers,
+                                    attention_impl=attention_impl, remat=remat)
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.model = InternLM2Model(config, self.options, rngs=rngs)
+        if not config.tie_word_embeddings:
+            self.output = Einsum("BTE,EV->BTV", (config.hidden_size, config.vocab_size), ("embed", "vocab"),
+                                 init_std=config.initializer_range, dtype=self.options.dtype,
+                                 param_dtype=self.options.param_dtype, rngs=rngs)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """float32 logits ``[B, T, V]`` from final hidden states."""
+        if self.config.tie_word_embeddings:
+            out = self.model.tok_embeddings.attend(hidden)
+        else:
+            out = self.output(hidden)
+        return constrain(out, ("batch", "length", "act_vocab")).astype(jnp.float32)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None):
+        """Traceable full-sequence forward: logits ``[B, T, V]`` in float32.
+
+        With ``attention_mask`` and no ``position_ids``, positions are
+        ``cumsum(mask) - 1`` clamped at 0 (HF's left-padding rule). With
+        ``segment_ids`` (packed rows) attention stays inside each segment.
+        """
+        input_ids = jnp.asarray(input_ids)
+        B, T = input_ids.shape
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
+            else:
+                position_ids = jnp.broadcast_to(jnp.arange(T), (B, T))
+        mask = attention_mask_for(T, attention_mask, segment_ids)
+        hidden, _ = self.model(input_ids, jnp.asarray(position_ids, jnp.int32), mask)
+        return self.logits(hidden)
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None):
+        """``model(input_ids, attention_mask=None, position_ids=None)`` -> float32 logits.
+
+        Called with concrete arrays it runs a cached jitted forward; inside a
+        user's own ``jit``/``grad`` it traces directly.
+        """
+        args = (input_ids, attention_mask, position_ids, segment_ids)
+        if any(isinstance(a, jax.core.Tracer) for a in args):
+            return self.forward(*args)
+        return _jitted_forward(self, *args)
+
+
+def attention_mask_for(T: int, attention_mask=None, segment_ids=None) -> jax.Array:
+    """Causal mask for a full sequence, with key padding and/or packed segments."""
+    key_valid = None if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+    seg = None if segment_ids is None else jnp.asarray(segment_ids)
+    return make_attention_mask(T, T, key_valid=key_valid, q_segment=seg, kv_segment=seg)
+
+
+@nnx.jit
+def _jitted_forward(model, input_ids, attention_mask, position_ids, segment_ids):
+    return model.forward(input_ids, attention_mask, position_ids, segment_ids)
+
+
+def _from_pretrained(cls, path, *, dtype=None, param_dtype=None, mesh=None, scan_layers=False,
+                     attention_impl="auto", remat="none"):
+    """Loads an HF InternLM2 directory or a jaxlm checkpoint.
+
+    ``param_dtype`` defaults to the stored dtype and ``dtype`` (compute) to
+    ``param_dtype``. Weights are read tensor by tensor, never as a whole model.
+    """
+    from jaxlm.checkpoint.loading import load_pretrained
+
+    return load_pretrained(cls, path, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
+                           scan_layers=scan_layers, attention_impl=attention_impl, remat=remat)
+
+
+def _save_pretrained(self, dst, *, overwrite=False, source_dir=None):
+    """Writes a jaxlm checkpoint (Orbax) plus config.json to ``dst``."""
+    from jaxlm.checkpoint.loading import save_pretrained
+
+    return save_pretrained(self, dst, overwrite=overwrite, source_dir=source_dir)
+
+
+InternLM2ForCausalLM.from_pretrained = classmethod(_from_pretrained)
+InternLM2ForCausalLM.save_pretrained = _save_pretrained

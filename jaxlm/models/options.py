@@ -1,0 +1,41 @@
+"""Runtime options of a model: how it computes, not what it is."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from jaxlm.errors import ConfigError
+
+ATTENTION_IMPLS = ("auto", "xla", "pallas", "cudnn")
+REMAT_POLICIES = ("none", "full", "dots_saveable")
+
+
+def as_dtype(value, what: str = "dtype"):
+    if value is None:
+        return None
+    try:
+        return jnp.dtype(value)
+    except TypeError:
+        raise ConfigError(f"{what}: unsupported dtype {value!r}; use float32 or bfloat16") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+    dtype: object = jnp.float32          # activations / compute
+    param_dtype: object = jnp.float32    # stored weights
+    scan_layers: bool = False            # one stacked layer under lax.scan
+    attention_impl: str = "auto"
+    remat: str = "none"
+
+    def __post_init__(self):
+        object.__setattr__(self, "dtype", as_dtype(self.dtype, "dtype"))
+        object.__setattr__(self, "param_dtype", as_dtype(self.param_dtype, "param_dtype"))
+        for name, value in (("dtype", self.dtype), ("param_dtype", self.param_dtype)):
+            if value not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+                raise ConfigError(f"{name}: unsupported dtype {value}; use float32 or bfloat16")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ConfigError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")

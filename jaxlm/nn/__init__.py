@@ -1,0 +1,1 @@
+"""Shared building blocks for decoder-only transformers (model-agnostic)."""
