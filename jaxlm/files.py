@@ -37,6 +37,7 @@ def atomic_output_dir(dst: str, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _normal_permissions(tmp)
     check_destination(dst, overwrite)  # nobody created it meanwhile
     if os.path.lexists(dst):
         old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=parent)
@@ -45,6 +46,16 @@ def atomic_output_dir(dst: str, overwrite: bool = False):
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, dst)
+
+
+def _normal_permissions(root: str) -> None:
+    """mkdtemp makes 0700 directories; give the output the usual umask modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for folder, _, files in os.walk(root):
+        os.chmod(folder, 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o666 & ~umask)
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*$", re.IGNORECASE)
@@ -72,6 +83,6 @@ def copy_if_present(src_dir: str, dst_dir: str, names) -> list[str]:
     for name in names:
         src = os.path.join(src_dir, name)
         if os.path.isfile(src):
-            shutil.copy2(src, os.path.join(dst_dir, name))
+            shutil.copyfile(src, os.path.join(dst_dir, name))
             copied.append(name)
     return copied

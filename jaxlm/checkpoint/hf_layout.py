@@ -111,7 +111,9 @@ def entries(c: InternLM2Config) -> list[Entry]:
             continue
         layers = range(c.num_hidden_layers) if "{i}" in rule.hf else [None]
         out.extend(Entry(rule, i) for i in layers)
-    out.sort(key=lambda e: (e.layer is not None, e.layer or 0))
+    # HF order: embedding, the layers, then the final norm and output head.
+    top_first = {"model.tok_embeddings.weight": 0}
+    out.sort(key=lambda e: (top_first.get(e.hf_name, 2 if e.layer is None else 1), e.layer or 0))
     return out
 
 

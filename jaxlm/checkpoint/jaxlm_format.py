@@ -22,7 +22,7 @@ from typing import Iterable, Iterator
 import jax
 import numpy as np
 
-from jaxlm.checkpoint.orbax_compat import ocp
+from jaxlm.checkpoint.orbax_compat import load_tree, ocp, tree_metadata
 from jaxlm.errors import CheckpointError
 
 MARKER = "jaxlm_checkpoint.json"
@@ -106,7 +106,7 @@ def stored_arrays(path: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """``name -> (shape, dtype)`` of every stored parameter, from Orbax metadata."""
     params_dir = os.path.join(path, PARAMS)
     try:
-        meta = ocp.pytree_metadata(params_dir).metadata
+        meta = tree_metadata(params_dir)
     except Exception as e:  # orbax raises assorted errors for damaged directories
         raise CheckpointError(f"{params_dir}: not a readable Orbax checkpoint ({e})") from None
     return {n: (tuple(m.shape), np.dtype(m.dtype)) for n, m in flatten(meta).items()}
@@ -122,7 +122,7 @@ def load_arrays(path: str, targets: dict[str, object]) -> dict[str, object]:
         raise CheckpointError(f"{params_dir}: missing parameter {missing[0]!r}")
     abstract = {n: targets.get(n, ocp.PLACEHOLDER) for n in stored}
     try:
-        loaded = ocp.load_pytree(params_dir, nest(abstract))
+        loaded = load_tree(params_dir, nest(abstract))
     except Exception as e:
         raise CheckpointError(f"{params_dir}: cannot restore parameters ({e})") from None
     flat = flatten(loaded)

@@ -1,0 +1,1 @@
+"""Checkpoint converters, run as ``python -m checkpoints_convert.<name>``."""

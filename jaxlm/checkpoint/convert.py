@@ -1,0 +1,87 @@
+"""HF <-> jaxlm checkpoint conversion, streaming tensor by tensor.
+
+hf_to_jaxlm: read one HF tensor, rearrange it, add it to the current layer
+group, save the group with an Orbax partial save, release it.
+jaxlm_to_hf: restore one tensor, rearrange it back, add it to the current
+safetensors shard, write the shard when full.
+Peak host memory is about one shard (or layer group) plus one tensor.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from jaxlm.checkpoint import hf_layout, jaxlm_format
+from jaxlm.checkpoint.hf_reader import SUPPORTED_DTYPES, HFCheckpoint
+from jaxlm.checkpoint.hf_writer import ShardedSafetensorsWriter
+from jaxlm.checkpoint.loading import SIDECAR_FILES
+from jaxlm.config import InternLM2Config
+from jaxlm.errors import CheckpointError, JaxlmError
+from jaxlm.files import atomic_output_dir, check_destination, copy_if_present, parse_size
+
+
+def _check_dtype(dtype: str | None) -> str | None:
+    if dtype is not None and dtype not in ("float32", "bfloat16"):
+        raise JaxlmError(f"--dtype: unsupported dtype {dtype!r}; use float32 or bfloat16")
+    return dtype
+
+
+def hf_to_jaxlm(src: str, dst: str, *, dtype: str | None = None, overwrite: bool = False,
+                progress: bool | None = None) -> dict:
+    """Converts an HF InternLM2 directory into a jaxlm checkpoint at ``dst``."""
+    _check_dtype(dtype)
+    check_destination(dst, overwrite)
+    if not os.path.isdir(src):
+        raise CheckpointError(f"{src}: not a directory")
+    config = InternLM2Config.from_pretrained(src)
+    reader = HFCheckpoint(src, config)
+    reader.validate()  # every problem is found before anything is written
+    out_dtype = dtype or reader.checkpoint_dtype()
+    with atomic_output_dir(dst, overwrite) as tmp:
+        nbytes = jaxlm_format.save_params(tmp, reader.iter_jaxlm(dtype=out_dtype, progress=progress),
+                                          param_dtype=out_dtype)
+        config.replace(extra={**config.extra, "torch_dtype": out_dtype}).to_json_file(
+            os.path.join(tmp, "config.json"))
+        copied = copy_if_present(src, tmp, SIDECAR_FILES)
+    return {"dst": dst, "bytes": nbytes, "dtype": out_dtype, "copied": copied}
+
+
+def jaxlm_to_hf(src: str, dst: str, *, max_shard_size: str | int = "5GB", overwrite: bool = False,
+                progress: bool | None = None) -> dict:
+    """Converts a jaxlm checkpoint into an HF directory (safetensors) at ``dst``."""
+    from tqdm.auto import tqdm
+
+    max_bytes = parse_size(max_shard_size, "--max-shard-size")
+    check_destination(dst, overwrite)
+    if not jaxlm_format.is_jaxlm_checkpoint(src):
+        raise CheckpointError(f"{src}: not a jaxlm checkpoint (no {jaxlm_format.MARKER})")
+    config = InternLM2Config.from_pretrained(src)
+    marker = jaxlm_format.read_marker(src)
+    stored = jaxlm_format.stored_arrays(src)
+    entries = hf_layout.entries(config)
+    for entry in entries:
+        name = entry.jaxlm_name
+        if name not in stored:
+            raise CheckpointError(f"{src}: missing parameter {name!r}")
+        shape, dtype = stored[name]
+        if shape != entry.rule.jaxlm_shape(config):
+            raise CheckpointError(f"{src}: parameter {name!r} has shape {shape}, but the config "
+                                  f"implies {entry.rule.jaxlm_shape(config)}")
+        if dtype.name not in SUPPORTED_DTYPES:
+            raise CheckpointError(f"{src}: parameter {name!r} has unsupported dtype {dtype}")
+    if progress is None:
+        progress = sum(int(np.prod(s)) * d.itemsize for s, d in stored.values()) > (1 << 30)
+    with atomic_output_dir(dst, overwrite) as tmp:
+        writer = ShardedSafetensorsWriter(tmp, max_bytes)
+        names = [e.jaxlm_name for e in entries]
+        arrays = jaxlm_format.iter_arrays(src, names)
+        for entry, (_, array) in tqdm(zip(entries, arrays), total=len(entries), disable=not progress,
+                                      desc="writing safetensors", unit="tensor"):
+            writer.add(entry.hf_name, entry.rule.to_hf(array, config))
+        files = writer.finish()
+        out_config = config.replace(extra={**config.extra, "torch_dtype": marker["param_dtype"]})
+        out_config.to_json_file(os.path.join(tmp, "config.json"))
+        copied = copy_if_present(src, tmp, SIDECAR_FILES)
+    return {"dst": dst, "bytes": writer.total_bytes, "files": files, "copied": copied}

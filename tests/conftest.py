@@ -1,0 +1,59 @@
+"""Shared fixtures: the ground-truth folder and tiny synthetic checkpoints."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def shared_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("JAXLM_SHARED", REPO.parent / "shared"))
+
+
+def require_shared(*parts: str) -> pathlib.Path:
+    """A path under ../shared; missing fails under CI=true, else skips."""
+    path = shared_dir().joinpath(*parts)
+    if not path.exists():
+        message = f"shared file missing: {path} (set JAXLM_SHARED)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def golden():
+    return lambda case: require_shared("golden", case)
+
+
+def tiny_config(**overrides):
+    from jaxlm import InternLM2Config
+
+    base = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                rope_theta=10000.0, rms_norm_eps=1e-5, bias=False, tie_word_embeddings=False,
+                extra={"architectures": ["InternLM2ForCausalLM"]})
+    base.update(overrides)
+    return InternLM2Config(**base)
+
+
+@pytest.fixture(scope="session")
+def make_hf_checkpoint(tmp_path_factory):
+    """Writes a random HF-layout checkpoint; cached per argument set."""
+    from jaxlm.checkpoint.synthetic import write_hf_checkpoint
+
+    cache = {}
+
+    def make(*, dtype="float32", fmt="safetensors", max_shard_bytes=None, seed=0, **overrides):
+        key = (dtype, fmt, max_shard_bytes, seed, tuple(sorted((k, repr(v)) for k, v in overrides.items())))
+        if key not in cache:
+            dst = tmp_path_factory.mktemp("hf")
+            cache[key] = write_hf_checkpoint(str(dst), tiny_config(**overrides), seed=seed, dtype=dtype,
+                                             fmt=fmt, max_shard_bytes=max_shard_bytes)
+        return cache[key]
+
+    return make
