@@ -14,7 +14,7 @@ def build_parser(parser=None):
                                                description=__doc__.strip().splitlines()[0])
     parser.add_argument("--src", required=True, help="HF checkpoint directory (safetensors or .bin)")
     parser.add_argument("--dst", required=True, help="output jaxlm checkpoint directory")
-    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+    parser.add_argument("--dtype", default=None, metavar="{bfloat16,float32}",
                         help="cast weights (default: keep the stored dtype)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --dst")
     return parser

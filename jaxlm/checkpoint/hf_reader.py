@@ -51,34 +51,47 @@ def _read_index(path: str) -> dict[str, str]:
 
 
 class _SafetensorsFile:
+    """Header read once; each tensor read through a short-lived mapping.
+
+    Keeping the file mapped would count every page already read toward the
+    process's RSS until the end; reopening per read (a header parse, well
+    under a millisecond) keeps resident memory at about one tensor.
+    """
+
     def __init__(self, path: str):
+        self.path = path
+        with self._open() as f:
+            self._info = {}
+            for name in f.keys():
+                piece = f.get_slice(name)
+                code = piece.get_dtype()
+                self._info[name] = (tuple(piece.get_shape()), _ST_DTYPES.get(code, code.lower()))
+
+    def _open(self):
         from safetensors import SafetensorError, safe_open
 
-        self.path = path
         try:
-            self._f = safe_open(path, framework="numpy")
-            self._names = list(self._f.keys())
-            self._slices = {n: self._f.get_slice(n) for n in self._names}
+            return safe_open(self.path, framework="numpy")
         except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+            raise CheckpointError(f"{self.path}: corrupt or truncated safetensors file ({e})") from None
 
     def names(self) -> list[str]:
-        return self._names
+        return list(self._info)
 
     def shape(self, name) -> tuple[int, ...]:
-        return tuple(self._slices[name].get_shape())
+        return self._info[name][0]
 
     def dtype(self, name) -> str:
-        code = self._slices[name].get_dtype()
-        return _ST_DTYPES.get(code, code.lower())
+        return self._info[name][1]
 
     def read(self, name, index=None) -> np.ndarray:
-        try:
-            if index is None:
-                return self._f.get_tensor(name)
-            return self._slices[name][index]
-        except Exception as e:  # safetensors raises plain Exceptions for bad buffers
-            raise CheckpointError(f"{self.path}: cannot read tensor {name!r} ({e})") from None
+        with self._open() as f:
+            try:
+                if index is None:
+                    return f.get_tensor(name)
+                return f.get_slice(name)[index]
+            except Exception as e:  # safetensors raises plain Exceptions for bad buffers
+                raise CheckpointError(f"{self.path}: cannot read tensor {name!r} ({e})") from None
 
 
 class _TorchBinFile:

@@ -1,0 +1,43 @@
+"""The ``jaxlm`` command (``python -m jaxlm`` does the same).
+
+Subcommands register themselves in `COMMANDS`; each module exposes
+``build_parser(parser)`` and ``run(args) -> int`` so heavy imports (jax,
+flax) happen only for the command that runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "demo": ("jaxlm.commands.demo", "run the main job on the bundled tiny default model"),
+    "convert-hf-to-jaxlm": ("checkpoints_convert.hf_to_jaxlm", "HF directory -> jaxlm checkpoint"),
+    "convert-jaxlm-to-hf": ("checkpoints_convert.jaxlm_to_hf", "jaxlm checkpoint -> HF safetensors"),
+    "info": ("jaxlm.commands.info", "show a checkpoint's config and parameter count"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxlm", description="InternLM2 in JAX / Flax NNX.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp.set_defaults(_module=module)
+        importlib.import_module(module).build_parser(sp)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    return importlib.import_module(args._module).run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
