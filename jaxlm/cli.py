@@ -17,6 +17,8 @@ COMMANDS = {
     "convert-hf-to-jaxlm": ("checkpoints_convert.hf_to_jaxlm", "HF directory -> jaxlm checkpoint"),
     "convert-jaxlm-to-hf": ("checkpoints_convert.jaxlm_to_hf", "jaxlm checkpoint -> HF safetensors"),
     "info": ("jaxlm.commands.info", "show a checkpoint's config and parameter count"),
+    "generate": ("jaxlm.commands.generate", "complete one prompt (for scripts)"),
+    "chat": ("jaxlm.commands.chat", "interactive streaming chat"),
 }
 
 

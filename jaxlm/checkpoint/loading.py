@@ -22,6 +22,7 @@ from jaxlm.checkpoint.hf_reader import HFCheckpoint, is_hf_checkpoint
 from jaxlm.config import InternLM2Config
 from jaxlm.errors import CheckpointError
 from jaxlm.files import atomic_output_dir, copy_if_present
+from jaxlm.generation.config import GenerationDefaults
 from jaxlm.nn.params import logical_axes
 
 # Files that travel with the weights (tokenizer, generation defaults, and the
@@ -107,7 +108,8 @@ class _StateFiller:
 
 
 def load_pretrained(cls, path: str, *, dtype=None, param_dtype=None, mesh=None,
-                    scan_layers: bool = False, attention_impl: str = "auto", remat: str = "none"):
+                    scan_layers: bool = False, attention_impl: str = "auto", remat: str = "none",
+                    max_context: int | None = None):
     """`InternLM2ForCausalLM.from_pretrained`: HF directory or jaxlm checkpoint."""
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a directory (expected an HF or jaxlm checkpoint)")
@@ -126,7 +128,7 @@ def load_pretrained(cls, path: str, *, dtype=None, param_dtype=None, mesh=None,
     dtype = dtype or param_dtype
     model = nnx.eval_shape(lambda: cls(config, dtype=dtype, param_dtype=param_dtype,
                                        scan_layers=scan_layers, attention_impl=attention_impl,
-                                       remat=remat, rngs=nnx.Rngs(0)))
+                                       remat=remat, max_context=max_context, rngs=nnx.Rngs(0)))
     filler = _StateFiller(model, mesh)
     if reader is not None:
         for name, array in reader.iter_jaxlm():
@@ -134,6 +136,7 @@ def load_pretrained(cls, path: str, *, dtype=None, param_dtype=None, mesh=None,
     else:
         _fill_from_jaxlm(path, config, filler)
     filler.check_complete(path)
+    model.generation_config = GenerationDefaults.load(path, config)
     return model
 
 

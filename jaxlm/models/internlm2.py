@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.config import InternLM2Config
+from jaxlm.generation.api import GenerationMixin
 from jaxlm.models.options import ModelOptions
 from jaxlm.nn.attention import make_attention_mask, xla_attention
 from jaxlm.nn.embed import Embed
@@ -58,7 +59,9 @@ class InternLM2Attention(nnx.Module):
         q = constrain(q, ("batch", "length", "act_kv_heads", None, "head_dim"))
         new_cache = None
         if kv_cache is not None:
-            k, v = new_cache = _write_cache(kv_cache, k, v, write_slot)
+            new_cache = _write_cache(kv_cache, k, v, write_slot)
+            kv_len = mask.shape[-1]  # the mask's width says how many cache slots to read
+            k, v = new_cache[0][:, :kv_len], new_cache[1][:, :kv_len]
         out = xla_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)   # [B, T, K, G, D]
         B, T = out.shape[:2]
         out = out.reshape(B, T, -1, out.shape[-1])               # [B, T, H, D], head = k*G + g
@@ -126,15 +129,15 @@ class InternLM2Model(nnx.Module):
         return self.norm(x), new_caches
 
 
-class InternLM2ForCausalLM(nnx.Module):
+class InternLM2ForCausalLM(GenerationMixin, nnx.Module):
     """The causal LM: `InternLM2Model` plus the output head (``output``, or tied)."""
 
     def __init__(self, config: InternLM2Config, *, dtype=jnp.float32, param_dtype=jnp.float32,
                  scan_layers: bool = False, attention_impl: str = "auto", remat: str = "none",
-                 rngs: nnx.Rngs | None = None):
+                 max_context: int | None = None, rngs: nnx.Rngs | None = None):
         self.config = config
         self.options = ModelOptions(dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers,
-                                    attention_impl=attention_impl, remat=remat)
+                                    attention_impl=attention_impl, remat=remat, max_context=max_context)
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.model = InternLM2Model(config, self.options, rngs=rngs)
         if not config.tie_word_embeddings:
@@ -193,7 +196,7 @@ def _jitted_forward(model, input_ids, attention_mask, position_ids, segment_ids)
 
 
 def _from_pretrained(cls, path, *, dtype=None, param_dtype=None, mesh=None, scan_layers=False,
-                     attention_impl="auto", remat="none"):
+                     attention_impl="auto", remat="none", max_context=None):
     """Loads an HF InternLM2 directory or a jaxlm checkpoint.
 
     ``param_dtype`` defaults to the stored dtype and ``dtype`` (compute) to
@@ -202,7 +205,8 @@ def _from_pretrained(cls, path, *, dtype=None, param_dtype=None, mesh=None, scan
     from jaxlm.checkpoint.loading import load_pretrained
 
     return load_pretrained(cls, path, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
-                           scan_layers=scan_layers, attention_impl=attention_impl, remat=remat)
+                           scan_layers=scan_layers, attention_impl=attention_impl, remat=remat,
+                           max_context=max_context)
 
 
 def _save_pretrained(self, dst, *, overwrite=False, source_dir=None):

@@ -28,6 +28,7 @@ class ModelOptions:
     scan_layers: bool = False            # one stacked layer under lax.scan
     attention_impl: str = "auto"
     remat: str = "none"
+    max_context: int | None = None       # longest prompt + new tokens generate accepts
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", as_dtype(self.dtype, "dtype"))
