@@ -2,7 +2,10 @@
 
 Each rule says how an HF tensor (PyTorch ``[out, in]`` layout) becomes the
 jaxlm parameter: view it as ``split`` and transpose by ``perm``. The inverse
-is derived, so a round trip is bit-exact by construction.
+is derived, so a round trip is bit-exact by construction. jaxlm keeps the
+``[out, in]`` order (see `jaxlm.nn.linear` for why), so today every ``perm``
+is the identity and only the packed dims are unflattened; the table still
+carries the transpose so a layout change stays a one-line edit.
 
 jaxlm names are the dotted paths of the unscanned model's parameters.
 """
@@ -60,28 +63,29 @@ vec = lambda c: (E(c),)
 
 L = "model.layers.{i}."
 RULES: tuple[Rule, ...] = (
-    # hf name, jaxlm name, HF shape, split, perm
+    # hf name, jaxlm name, HF shape, split (jaxlm keeps HF's [out, in] order), perm
     Rule("model.tok_embeddings.weight", "model.tok_embeddings.embedding",
          lambda c: (V(c), E(c)), lambda c: (V(c), E(c)), (0, 1)),
     Rule(L + "attention.wqkv.weight", L + "attention.wqkv.kernel",
-         lambda c: (_qkv_rows(c), E(c)), lambda c: _qkv(c) + (E(c),), (3, 0, 1, 2)),
+         lambda c: (_qkv_rows(c), E(c)), lambda c: _qkv(c) + (E(c),), (0, 1, 2, 3)),
     Rule(L + "attention.wqkv.bias", L + "attention.wqkv.bias",
          lambda c: (_qkv_rows(c),), _qkv, (0, 1, 2), when=has_bias),
     Rule(L + "attention.wo.weight", L + "attention.wo.kernel",
-         lambda c: (E(c), H(c) * D(c)), lambda c: (E(c), H(c), D(c)), (1, 2, 0)),
+         lambda c: (E(c), H(c) * D(c)), lambda c: (E(c), H(c), D(c)), (0, 1, 2)),
     Rule(L + "attention.wo.bias", L + "attention.wo.bias", vec, vec, (0,), when=has_bias),
     Rule(L + "attention_norm.weight", L + "attention_norm.scale", vec, vec, (0,)),
     Rule(L + "feed_forward.w1.weight", L + "feed_forward.w1.kernel",
-         lambda c: (I(c), E(c)), lambda c: (I(c), E(c)), (1, 0)),
+         lambda c: (I(c), E(c)), lambda c: (I(c), E(c)), (0, 1)),
     Rule(L + "feed_forward.w3.weight", L + "feed_forward.w3.kernel",
-         lambda c: (I(c), E(c)), lambda c: (I(c), E(c)), (1, 0)),
+         lambda c: (I(c), E(c)), lambda c: (I(c), E(c)), (0, 1)),
     Rule(L + "feed_forward.w2.weight", L + "feed_forward.w2.kernel",
-         lambda c: (E(c), I(c)), lambda c: (E(c), I(c)), (1, 0)),
+         lambda c: (E(c), I(c)), lambda c: (E(c), I(c)), (0, 1)),
     Rule(L + "ffn_norm.weight", L + "ffn_norm.scale", vec, vec, (0,)),
     Rule("model.norm.weight", "model.norm.scale", vec, vec, (0,)),
     Rule("output.weight", "output.kernel",
-         lambda c: (V(c), E(c)), lambda c: (V(c), E(c)), (1, 0), when=untied),
+         lambda c: (V(c), E(c)), lambda c: (V(c), E(c)), (0, 1), when=untied),
 )
+
 
 # Non-persistent buffers some older checkpoints still contain; never weights.
 IGNORED_HF = re.compile(r".*\.rotary_emb\.inv_freq$")

@@ -6,6 +6,8 @@ Parameter names follow the HF checkpoint (``tok_embeddings``, ``attention.wqkv``
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -13,9 +15,9 @@ from flax import nnx
 from jaxlm.config import InternLM2Config
 from jaxlm.generation.api import GenerationMixin
 from jaxlm.models.options import ModelOptions
-from jaxlm.nn.attention import make_attention_mask, xla_attention
+from jaxlm.nn.attention import make_attention_mask, xla_attention, xla_decode_attention
 from jaxlm.nn.embed import Embed
-from jaxlm.nn.linear import Einsum
+from jaxlm.nn.linear import Projection
 from jaxlm.nn.mlp import SwiGLU
 from jaxlm.nn.norm import RMSNorm
 from jaxlm.nn.rotary import RopeConfig, apply_rope, dynamic_ntk_base, rope_cos_sin
@@ -33,9 +35,9 @@ def rope_config(cfg: InternLM2Config) -> RopeConfig:
 class InternLM2Attention(nnx.Module):
     """Grouped-query attention with the original packed ``wqkv`` projection.
 
-    ``wqkv.kernel`` is ``[embed, kv_heads, G + 2, head_dim]``: for kv head ``k``
-    the slots are its G query heads, then its key, then its value, exactly the
-    HF row order. Tensor parallelism splits it along ``kv_heads``.
+    ``wqkv.kernel`` is ``[kv_heads, G + 2, head_dim, embed]``, the HF tensor with
+    its rows unflattened: for kv head ``k`` the slots are its G query heads,
+    then its key, then its value. Tensor parallelism splits it along ``kv_heads``.
     """
 
     def __init__(self, cfg: InternLM2Config, opts: ModelOptions, *, rngs: nnx.Rngs):
@@ -44,11 +46,10 @@ class InternLM2Attention(nnx.Module):
         self.group = G
         kw = dict(init_std=cfg.initializer_range, dtype=opts.dtype, param_dtype=opts.param_dtype, rngs=rngs)
         # C indexes the slots of a kv group: queries 0..G-1, key G, value G+1.
-        self.wqkv = Einsum("BTE,EKCD->BTKCD", (E, K, G + 2, D), ("embed", "kv_heads", "qkv", "head_dim"),
-                           bias_shape=(K, G + 2, D) if cfg.bias else None,
-                           bias_axes=("kv_heads", "qkv", "head_dim"), **kw)
-        self.wo = Einsum("BTHD,HDE->BTE", (H, D, E), ("heads", "head_dim", "embed"),
-                         bias_shape=(E,) if cfg.bias else None, bias_axes=("embed",), **kw)
+        self.wqkv = Projection("BTE,KCDE->BTKCD", (K, G + 2, D, E), ("kv_heads", "qkv", "head_dim", "embed"),
+                               bias=cfg.bias, **kw)
+        self.wo = Projection("BTHD,EHD->BTE", (E, H, D), ("embed", "heads", "head_dim"), in_dims=2,
+                             bias=cfg.bias, **kw)
 
     def __call__(self, x, cos, sin, mask, kv_cache=None, write_slot=None):
         G = self.group
@@ -57,13 +58,18 @@ class InternLM2Attention(nnx.Module):
         k = apply_rope(qkv[:, :, :, G], cos, sin)                 # [B, T, K, D]
         v = qkv[:, :, :, G + 1]                                   # [B, T, K, D]
         q = constrain(q, ("batch", "length", "act_kv_heads", None, "head_dim"))
+        B, T = x.shape[:2]
         new_cache = None
         if kv_cache is not None:
             new_cache = _write_cache(kv_cache, k, v, write_slot)
+            if T == 1:  # decoding: one query per row against the cache
+                out = xla_decode_attention(q.reshape(B, -1, q.shape[-1]), *new_cache, write_slot + 1)
+                return self.wo(out.reshape(B, 1, -1, out.shape[-1])), new_cache
             kv_len = mask.shape[-1]  # the mask's width says how many cache slots to read
             k, v = new_cache[0][:, :kv_len], new_cache[1][:, :kv_len]
-        out = xla_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)   # [B, T, K, G, D]
-        B, T = out.shape[:2]
+        # Callers build causal masks whose query 0 sits at key slot kv_len - T.
+        out = xla_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask,
+                            causal_offset=mask.shape[-1] - T)                  # [B, T, K, G, D]
         out = out.reshape(B, T, -1, out.shape[-1])               # [B, T, H, D], head = k*G + g
         return self.wo(out), new_cache
 
@@ -141,9 +147,10 @@ class InternLM2ForCausalLM(GenerationMixin, nnx.Module):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.model = InternLM2Model(config, self.options, rngs=rngs)
         if not config.tie_word_embeddings:
-            self.output = Einsum("BTE,EV->BTV", (config.hidden_size, config.vocab_size), ("embed", "vocab"),
-                                 init_std=config.initializer_range, dtype=self.options.dtype,
-                                 param_dtype=self.options.param_dtype, rngs=rngs)
+            self.output = Projection("BTE,VE->BTV", (config.vocab_size, config.hidden_size),
+                                     ("vocab", "embed"), init_std=config.initializer_range,
+                                     dtype=self.options.dtype, param_dtype=self.options.param_dtype,
+                                     rngs=rngs)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """float32 logits ``[B, T, V]`` from final hidden states."""
@@ -180,7 +187,8 @@ class InternLM2ForCausalLM(GenerationMixin, nnx.Module):
         args = (input_ids, attention_mask, position_ids, segment_ids)
         if any(isinstance(a, jax.core.Tracer) for a in args):
             return self.forward(*args)
-        return _jitted_forward(self, *args)
+        graphdef, state = nnx.split(self)
+        return _jitted_forward(graphdef, state, *args)
 
 
 def attention_mask_for(T: int, attention_mask=None, segment_ids=None) -> jax.Array:
@@ -190,9 +198,11 @@ def attention_mask_for(T: int, attention_mask=None, segment_ids=None) -> jax.Arr
     return make_attention_mask(T, T, key_valid=key_valid, q_segment=seg, kv_segment=seg)
 
 
-@nnx.jit
-def _jitted_forward(model, input_ids, attention_mask, position_ids, segment_ids):
-    return model.forward(input_ids, attention_mask, position_ids, segment_ids)
+# Plain jax.jit over (graphdef, state): nnx.jit would return the module state as
+# outputs, i.e. copy every weight on every call.
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _jitted_forward(graphdef, state, input_ids, attention_mask, position_ids, segment_ids):
+    return nnx.merge(graphdef, state).forward(input_ids, attention_mask, position_ids, segment_ids)
 
 
 def _from_pretrained(cls, path, *, dtype=None, param_dtype=None, mesh=None, scan_layers=False,

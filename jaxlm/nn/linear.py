@@ -1,36 +1,56 @@
-"""A named-dimension einsum projection (the kernel keeps structured axes).
+"""A projection with a structured kernel, computed as one 2-D matmul.
 
-Kernels keep the model's structure instead of being flattened to 2-D: the
-packed attention projection is ``[embed, kv_heads, slot, head_dim]``, which is
-what lets tensor parallelism split it by kv group. qwix-style LoRA and
-quantization intercept the ``jnp.einsum`` call made here.
+Kernels keep PyTorch's ``[out..., in...]`` order (as HF stores them) but with
+their structure: the packed attention projection is
+``[kv_heads, slot, head_dim, embed]``, which lets tensor parallelism split it
+by kv group. Measured on CPU (XLA 0.10, 2 cores), the skinny matmuls of
+batched decoding run 20-45% faster against ``[out, in]`` weights than
+against ``[in, out]``, and prefill matmuls no slower.
+
+The matmul runs on 2-D views (``[tokens, in] . [out, in]^T``): given an N-D
+einsum, XLA:CPU's layout assignment sometimes transposed the *weights* on
+every call (a weight copy per decode step); flat views leave it no choice.
+qwix-style LoRA and quantization still see one ``dot_general`` per call.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.nn.params import logical_param, normal, zeros
 
 
-class Einsum(nnx.Module):
-    """``y = einsum(spec, x, kernel) (+ bias)``, computed in ``dtype``."""
+class Projection(nnx.Module):
+    """``y[..., out] = sum_in x[..., in] * kernel[out, in] (+ bias[out])``.
 
-    def __init__(self, spec: str, kernel_shape: Sequence[int], kernel_axes: Sequence[str],
-                 *, bias_shape: Sequence[int] | None = None, bias_axes: Sequence[str] = (),
-                 init_std: float = 0.02, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+    ``kernel_shape = out_shape + in_shape``; the last ``in_dims`` kernel dims
+    are contracted with ``x``'s last ``in_dims`` dims. ``spec`` names the
+    contraction, gemma-style, for readers.
+    """
+
+    def __init__(self, spec: str, kernel_shape: Sequence[int], kernel_axes: Sequence[str], *,
+                 in_dims: int = 1, bias: bool = False, init_std: float = 0.02,
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.spec = spec
         self.dtype = dtype
+        self.in_dims = in_dims
         self.kernel = logical_param(rngs, normal(init_std), kernel_shape, kernel_axes, param_dtype)
-        self.bias = (logical_param(rngs, zeros, bias_shape, bias_axes, param_dtype)
-                     if bias_shape is not None else None)
+        out_shape, out_axes = tuple(kernel_shape[:-in_dims]), tuple(kernel_axes[:-in_dims])
+        self.bias = logical_param(rngs, zeros, out_shape, out_axes, param_dtype) if bias else None
 
-    def __call__(self, x):
-        y = jnp.einsum(self.spec, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.kernel[...].astype(self.dtype)
+        n = self.in_dims
+        out_shape, in_size = kernel.shape[:-n], math.prod(kernel.shape[-n:])
+        lead = x.shape[: x.ndim - n]
+        x2 = x.astype(self.dtype).reshape(math.prod(lead), in_size)
+        w2 = kernel.reshape(math.prod(out_shape), in_size)
+        y = jax.lax.dot_general(x2, w2, (((1,), (1,)), ((), ()))).reshape(lead + tuple(out_shape))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y

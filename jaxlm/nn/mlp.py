@@ -4,16 +4,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlm.nn.linear import Einsum
+from jaxlm.nn.linear import Projection
 
 
 class SwiGLU(nnx.Module):
     def __init__(self, embed: int, hidden: int, *, init_std: float = 0.02,
                  dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         kw = dict(init_std=init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.w1 = Einsum("BTE,EM->BTM", (embed, hidden), ("embed", "mlp"), **kw)  # gate
-        self.w3 = Einsum("BTE,EM->BTM", (embed, hidden), ("embed", "mlp"), **kw)  # up
-        self.w2 = Einsum("BTM,ME->BTE", (hidden, embed), ("mlp", "embed"), **kw)  # down
+        self.w1 = Projection("BTE,ME->BTM", (hidden, embed), ("mlp", "embed"), **kw)  # gate
+        self.w3 = Projection("BTE,ME->BTM", (hidden, embed), ("mlp", "embed"), **kw)  # up
+        self.w2 = Projection("BTM,EM->BTE", (embed, hidden), ("embed", "mlp"), **kw)  # down
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.w2(jax.nn.silu(self.w1(x)) * self.w3(x))
