@@ -11,6 +11,7 @@ import contextlib
 import os
 import re
 import shutil
+import sys
 import tempfile
 
 from jaxlm.errors import JaxlmError
@@ -24,28 +25,64 @@ def check_destination(dst: str, overwrite: bool) -> None:
         raise JaxlmError(f"{dst}: directory is not empty; pass --overwrite to replace it")
 
 
+def _processes() -> tuple[int, int]:
+    """(process index, process count) of a jax.distributed run; (0, 1) otherwise."""
+    jax = sys.modules.get("jax")  # a run that never imported jax is single-process
+    if jax is None:
+        return 0, 1
+    return jax.process_index(), jax.process_count()
+
+
+def _barrier(name: str) -> None:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(dst: str, overwrite: bool = False):
-    """Yields a fresh temporary directory that becomes ``dst`` on success."""
+    """Yields a fresh temporary directory that becomes ``dst`` on success.
+
+    In a multi-process run every process gets the same directory (Orbax
+    writes each process's shards into it); process 0 creates and renames it.
+    """
     dst = os.path.abspath(dst)
     check_destination(dst, overwrite)
     parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
+    index, count = _processes()
+    if count > 1:
+        tmp = os.path.join(parent, f".{os.path.basename(dst)}.tmp-shared")
+        if index == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # a previous run's leftovers
+            os.makedirs(tmp)
+        _barrier(f"jaxlm-atomic-open:{dst}")
+    else:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if index == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _normal_permissions(tmp)
-    check_destination(dst, overwrite)  # nobody created it meanwhile
-    if os.path.lexists(dst):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=parent)
-        os.rename(dst, os.path.join(old, "content"))
-        os.rename(tmp, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, dst)
+    if count > 1:
+        _barrier(f"jaxlm-atomic-written:{dst}")
+    if index == 0:
+        _normal_permissions(tmp)
+        check_destination(dst, overwrite)  # nobody created it meanwhile
+        if os.path.lexists(dst):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=parent)
+            os.rename(dst, os.path.join(old, "content"))
+            os.rename(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, dst)
+    if count > 1:
+        _barrier(f"jaxlm-atomic-renamed:{dst}")
+
+
+def is_main_process() -> bool:
+    return _processes()[0] == 0
 
 
 def _normal_permissions(root: str) -> None:

@@ -1,40 +1,54 @@
-"""Logical axis names -> mesh axes: the one rules table of jaxlm.
+"""Meshes, and logical axis names -> mesh axes through one rules table.
 
 Parameters carry logical axis names (see `jaxlm.nn.params`); activations are
 constrained with `constrain`. Both are translated to mesh axes here, so the
-whole layout of a run is decided by `DEFAULT_RULES` (or a user override).
+layout of a run is decided by `DEFAULT_RULES` (or an override installed with
+`axis_rules`, e.g. from an experiment config).
+
+A mesh axis that does not divide an array dimension is dropped for that
+array (the dimension is replicated instead): a 1000-token vocabulary stays
+whole on a 16-way tensor axis rather than failing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
+import re
 import threading
 from typing import Sequence
 
 import jax
-from jax.sharding import PartitionSpec
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from jaxlm.errors import ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor", "context")
 MeshAxes = str | tuple[str, ...] | None
 
 # logical name -> mesh axis (or axes). Names absent here are replicated.
 DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("length", "context"),
-    ("embed", "fsdp"),
+    # parameters
     ("vocab", "tensor"),
+    ("embed", "fsdp"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
+    ("qkv", None),
+    ("head_dim", None),
+    ("norm", None),
+    ("layers", None),
+    # activations
+    ("batch", ("data", "fsdp")),
+    ("length", "context"),
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_kv_heads", "tensor"),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
     ("cache_length", "context"),
-    ("head_dim", None),
-    ("qkv", None),
-    ("norm", None),
-    ("layers", None),
 )
 
 _state = threading.local()
@@ -45,9 +59,13 @@ def current_rules() -> tuple[tuple[str, MeshAxes], ...]:
 
 
 @contextlib.contextmanager
-def axis_rules(rules: Sequence[tuple[str, MeshAxes]]):
-    """Temporarily replaces the logical-axis rules (e.g. from an experiment config)."""
+def axis_rules(rules: Sequence[tuple[str, MeshAxes]] | dict):
+    """Temporarily replaces (or, given a dict, updates) the logical-axis rules."""
     previous = current_rules()
+    if isinstance(rules, dict):
+        merged = dict(previous)
+        merged.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in rules.items()})
+        rules = tuple(merged.items())
     _state.rules = tuple(rules)
     try:
         yield
@@ -55,35 +73,162 @@ def axis_rules(rules: Sequence[tuple[str, MeshAxes]]):
         _state.rules = previous
 
 
-def _active_mesh_axes() -> tuple[str, ...]:
+# --------------------------------------------------------------------- meshes
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Sizes of the four mesh axes; one of them may be -1 (fills the rest)."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    context: int = 1
+
+    @classmethod
+    def parse(cls, spec: "str | dict | MeshConfig | None") -> "MeshConfig":
+        if spec is None:
+            return cls()
+        if isinstance(spec, MeshConfig):
+            return spec
+        if isinstance(spec, dict):
+            items = spec
+        else:
+            items = {}
+            for part in filter(None, (p.strip() for p in str(spec).split(","))):
+                m = re.fullmatch(r"(\w+)\s*=\s*(-?\d+)", part)
+                if not m:
+                    raise ConfigError(f"mesh: cannot parse {part!r}; expected e.g. 'fsdp=4,tensor=2'")
+                items[m.group(1)] = int(m.group(2))
+        unknown = sorted(set(items) - set(MESH_AXES))
+        if unknown:
+            raise ConfigError(f"mesh: unknown axis {unknown[0]!r}; axes are {', '.join(MESH_AXES)}")
+        sizes = {a: int(items.get(a, 1)) for a in MESH_AXES}
+        if not any(v == -1 for v in sizes.values()) and "fsdp" not in items:
+            sizes["fsdp"] = -1  # unnamed devices go to fsdp
+        return cls(**sizes)
+
+    def resolve(self, num_devices: int) -> dict[str, int]:
+        sizes = dataclasses.asdict(self)
+        fill = [a for a, v in sizes.items() if v == -1]
+        bad = [a for a, v in sizes.items() if v == 0 or v < -1]
+        if bad or len(fill) > 1:
+            raise ConfigError(f"mesh: sizes must be positive, with at most one -1; got {sizes}")
+        known = math.prod(v for v in sizes.values() if v != -1)
+        if fill:
+            if num_devices % known:
+                raise ConfigError(f"mesh: {sizes} does not divide the {num_devices} available devices")
+            sizes[fill[0]] = num_devices // known
+        total = math.prod(sizes.values())
+        if total > num_devices:
+            raise ConfigError(f"mesh: {sizes} needs {total} devices, but only {num_devices} are available")
+        if total != num_devices:
+            raise ConfigError(f"mesh: {sizes} uses {total} of the {num_devices} devices; "
+                              f"sizes must multiply to the device count")
+        return sizes
+
+
+def make_mesh(spec: "str | dict | MeshConfig | None" = None, devices=None) -> Mesh:
+    """A mesh with axes (data, fsdp, tensor, context), all ``AxisType.Auto``."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = MeshConfig.parse(spec).resolve(len(devices))
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def mesh_sizes(mesh) -> dict[str, int]:
+    return dict(zip(mesh.axis_names, mesh.axis_sizes if hasattr(mesh, "axis_sizes") else mesh.devices.shape))
+
+
+def valid_tensor_sizes(num_kv_heads: int) -> list[int]:
+    return [n for n in range(1, num_kv_heads + 1) if num_kv_heads % n == 0]
+
+
+def check_mesh_for_model(mesh, config) -> None:
+    """Tensor parallelism splits ``wqkv`` by kv group: ``tensor`` must divide the kv heads."""
+    tensor = mesh_sizes(mesh).get("tensor", 1)
+    if config.num_key_value_heads % tensor:
+        raise ConfigError(
+            f"mesh: tensor={tensor} does not divide num_key_value_heads={config.num_key_value_heads} "
+            f"(wqkv is split by kv group); valid tensor sizes: "
+            f"{', '.join(map(str, valid_tensor_sizes(config.num_key_value_heads)))}")
+
+
+# ---------------------------------------------------------------- translation
+def _active_mesh_axes() -> dict[str, int]:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or getattr(mesh, "empty", True):
-        return ()
-    return tuple(mesh.axis_names)
+        return {}
+    return dict(zip(mesh.axis_names, mesh.axis_sizes))
 
 
-def logical_to_spec(axes: Sequence[str | None], mesh_axes: Sequence[str] | None = None,
-                    rules=None) -> PartitionSpec:
-    """PartitionSpec for logical ``axes``; mesh axes already used are not reused."""
+def logical_to_spec(axes: Sequence[str | None], mesh_axes: "dict[str, int] | Sequence[str] | None" = None,
+                    rules=None, shape: Sequence[int] | None = None) -> PartitionSpec:
+    """PartitionSpec for logical ``axes``.
+
+    A mesh axis is used at most once, and (when ``shape`` and sizes are known)
+    only where it divides the dimension.
+    """
     rules = dict(current_rules() if rules is None else rules)
-    available = set(_active_mesh_axes() if mesh_axes is None else mesh_axes)
+    if mesh_axes is None:
+        mesh_axes = _active_mesh_axes()
+    sizes = dict(mesh_axes) if isinstance(mesh_axes, dict) else {a: None for a in mesh_axes}
     used: set[str] = set()
     spec = []
-    for name in axes:
+    for i, name in enumerate(axes):
         target = rules.get(name) if name is not None else None
-        if target is None:
-            spec.append(None)
-            continue
-        names = (target,) if isinstance(target, str) else tuple(target)
-        names = tuple(n for n in names if n in available and n not in used)
-        used.update(names)
-        spec.append(None if not names else names[0] if len(names) == 1 else names)
+        names = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+        chosen, extent = [], 1
+        for n in names:
+            if n not in sizes or n in used:
+                continue
+            size = sizes[n]
+            if shape is not None and size is not None and shape[i] % (extent * size):
+                continue
+            chosen.append(n)
+            extent *= size or 1
+        used.update(chosen)
+        spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
     return PartitionSpec(*spec)
+
+
+def named_sharding(mesh, axes: Sequence[str | None], shape: Sequence[int] | None = None) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(axes, mesh_sizes(mesh), shape=shape))
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """`with_sharding_constraint` by logical names; a no-op outside a mesh."""
     mesh_axes = _active_mesh_axes()
-    if not mesh_axes:
+    if not mesh_axes or all(v == 1 for v in mesh_axes.values()):
         return x
-    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, mesh_axes))
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, mesh_axes, shape=x.shape))
+
+
+# ------------------------------------------------------------------- batches
+def batch_multiple(mesh) -> int:
+    """Rows a batch must be a multiple of: the mesh axes the ``batch`` rule uses."""
+    if mesh is None:
+        return 1
+    sizes = mesh_sizes(mesh)
+    target = dict(current_rules()).get("batch")
+    names = () if target is None else (target,) if isinstance(target, str) else target
+    return math.prod(sizes.get(n, 1) for n in names)
+
+
+def pad_rows(x: np.ndarray, multiple: int, fill=0) -> np.ndarray:
+    """Pads axis 0 up to a multiple (the padding is dropped from results)."""
+    extra = -x.shape[0] % multiple
+    if not extra:
+        return x
+    pad = np.full((extra,) + x.shape[1:], fill, dtype=x.dtype)
+    return np.concatenate([x, pad], axis=0)
+
+
+def model_mesh(model) -> Mesh | None:
+    """The mesh a model's parameters live on (None when not placed on a mesh)."""
+    from flax import nnx
+
+    for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding):
+            return sharding.mesh
+        return None
+    return None

@@ -5,6 +5,11 @@ from __future__ import annotations
 import os
 import pathlib
 
+# Eight simulated CPU devices for the mesh tests; set before jax is imported.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_force_host_platform_device_count=8").strip()
+
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

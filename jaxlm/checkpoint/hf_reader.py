@@ -232,6 +232,43 @@ class HFCheckpoint:
     def total_bytes(self) -> int:
         return sum(os.path.getsize(os.path.join(self.path, f)) for f in set(self._where.values()))
 
+    def read_jaxlm(self, entry: hf_layout.Entry, index: tuple | None = None) -> np.ndarray:
+        """The jaxlm-layout tensor of ``entry``, or just ``index`` (slices over jaxlm dims) of it.
+
+        With a slice, only the rows and columns of the HF tensor that the slice
+        covers are read (this is how each host reads just what its devices hold).
+        """
+        rule, cfg = entry.rule, self.config
+        split, hf_shape = rule.split(cfg), rule.hf_shape(cfg)
+        if index is None or rule.perm != tuple(range(len(split))):
+            full = rule.to_jaxlm(self.read(entry.hf_name), cfg)
+            return full if index is None else np.ascontiguousarray(full[index])
+        index = tuple(index) + (slice(None),) * (len(split) - len(index))
+        ranges = [sl.indices(n)[:2] for sl, n in zip(index, split)]
+        hf_index, local_shape, post = [], [], []
+        dim = 0
+        for hf_size in hf_shape:  # split dims dim..end multiply to this HF dim
+            group, size = [], 1
+            while size < hf_size or not group:
+                group.append(dim)
+                size *= split[dim]
+                dim += 1
+            inner = [split[d] for d in group[1:]]
+            rest_full = all(ranges[d] == (0, split[d]) for d in group[1:])
+            first = group[0]
+            if rest_full:
+                start, stop = ranges[first]
+                step = int(np.prod(inner)) if inner else 1
+                hf_index.append(slice(start * step, stop * step))
+                local_shape += [stop - start] + inner
+                post += [slice(None)] * len(group)
+            else:
+                hf_index.append(slice(None))
+                local_shape += [split[d] for d in group]
+                post += [slice(*ranges[d]) for d in group]
+        data = self.read(entry.hf_name, tuple(hf_index)).reshape(local_shape)
+        return np.ascontiguousarray(data[tuple(post)])
+
     def iter_jaxlm(self, dtype=None, progress: bool | None = None) -> Iterator[tuple[str, np.ndarray]]:
         """Yields ``(jaxlm_name, array)`` in jaxlm layout, one tensor at a time."""
         from tqdm.auto import tqdm

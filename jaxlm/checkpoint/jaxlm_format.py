@@ -24,6 +24,7 @@ import numpy as np
 
 from jaxlm.checkpoint.orbax_compat import load_tree, ocp, tree_metadata
 from jaxlm.errors import CheckpointError
+from jaxlm.files import is_main_process
 
 MARKER = "jaxlm_checkpoint.json"
 PARAMS = "params"
@@ -83,10 +84,11 @@ def save_params(dst: str, named_arrays: Iterable[tuple[str, np.ndarray]], *, par
         total += array.nbytes
     flush()
     ocp.partial.finalize(params_dir)
-    with open(os.path.join(dst, MARKER), "w", encoding="utf-8") as f:
-        json.dump({"format": "jaxlm", "version": FORMAT_VERSION, "param_dtype": param_dtype,
-                   "layout": "per-layer"}, f, indent=2)
-        f.write("\n")
+    if is_main_process():
+        with open(os.path.join(dst, MARKER), "w", encoding="utf-8") as f:
+            json.dump({"format": "jaxlm", "version": FORMAT_VERSION, "param_dtype": param_dtype,
+                       "layout": "per-layer"}, f, indent=2)
+            f.write("\n")
     return total
 
 

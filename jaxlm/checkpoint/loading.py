@@ -21,7 +21,7 @@ from jaxlm.checkpoint import hf_layout, jaxlm_format
 from jaxlm.checkpoint.hf_reader import HFCheckpoint, is_hf_checkpoint
 from jaxlm.config import InternLM2Config
 from jaxlm.errors import CheckpointError
-from jaxlm.files import atomic_output_dir, copy_if_present
+from jaxlm.files import atomic_output_dir, copy_if_present, is_main_process
 from jaxlm.generation.config import GenerationDefaults
 from jaxlm.nn.params import logical_axes
 
@@ -48,12 +48,12 @@ def _variables(state: nnx.State) -> dict[str, nnx.Variable]:
     return out
 
 
-def param_sharding(var: nnx.Variable, mesh):
+def param_sharding(var: nnx.Variable, mesh, shape=None):
     if mesh is None:
         return jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    from jaxlm.sharding import logical_to_spec
+    from jaxlm.sharding import named_sharding
 
-    return jax.sharding.NamedSharding(mesh, logical_to_spec(logical_axes(var), mesh.axis_names))
+    return named_sharding(mesh, logical_axes(var), shape if shape is not None else var.get_value().shape)
 
 
 @functools.partial(jax.jit, donate_argnums=0, static_argnums=2)
@@ -62,7 +62,11 @@ def _set_layer(buffer, value, index):
 
 
 class _StateFiller:
-    """Receives per-layer (canonical) tensors and fills the model's variables."""
+    """Receives per-layer (canonical) tensors and fills the model's variables.
+
+    Each tensor becomes a ``jax.Array`` with its target sharding directly:
+    `put_from` asks a reader for exactly the slices this host's devices hold.
+    """
 
     def __init__(self, model: nnx.Module, mesh):
         self.scanned = model.options.scan_layers
@@ -71,28 +75,41 @@ class _StateFiller:
         self.filled: dict[str, int] = {}
 
     def target(self, name: str):
-        """The (shape, dtype, sharding) one canonical tensor must take."""
+        """The (variable key, shape, dtype, sharding) one canonical tensor must take."""
         layer, stacked_name = _layer_split(name)
         key = stacked_name if self.scanned and layer is not None else name
         var = self.vars.get(key)
         if var is None:
             raise CheckpointError(f"parameter {name!r} does not belong to this model")
         abstract = var.get_value()
-        shape = abstract.shape[1:] if key != name else abstract.shape
-        sharding = param_sharding(var, self.mesh)
-        if key != name and self.mesh is not None:  # drop the layers axis of the spec
-            spec = sharding.spec
-            sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(*spec[1:]))
-        return key, tuple(shape), abstract.dtype, sharding
+        if key == name:
+            return key, tuple(abstract.shape), abstract.dtype, param_sharding(var, self.mesh)
+        full = param_sharding(var, self.mesh)  # the stacked variable's; drop the layers axis
+        sharding = full if self.mesh is None else jax.sharding.NamedSharding(
+            self.mesh, jax.sharding.PartitionSpec(*full.spec[1:]))
+        return key, tuple(abstract.shape[1:]), abstract.dtype, sharding
 
-    def put(self, name: str, array) -> None:
+    def put_from(self, name: str, read_slice) -> None:
+        """Builds tensor ``name`` from ``read_slice(index) -> np.ndarray`` (jaxlm layout)."""
+        _, shape, dtype, sharding = self.target(name)
+        np_dtype = np.dtype(dtype)
+        cache = {}  # replicated shards ask for the same slice once per device
+
+        def read(index):
+            key = tuple((s.start, s.stop, s.step) for s in index)
+            if key not in cache:
+                cache[key] = np.asarray(read_slice(index)).astype(np_dtype, copy=False)
+            return cache[key]
+
+        self.put(name, jax.make_array_from_callback(shape, sharding, read))
+
+    def put(self, name: str, array: jax.Array) -> None:
         key, shape, dtype, sharding = self.target(name)
         if tuple(array.shape) != shape:
             raise CheckpointError(f"tensor {name!r} has shape {tuple(array.shape)}, expected {shape}")
         var = self.vars[key]
         if key == name:
-            var.set_value(jax.device_put(jnp.asarray(array, dtype) if isinstance(array, np.ndarray)
-                                         else array.astype(dtype), sharding))
+            var.set_value(jax.device_put(array.astype(dtype), sharding))
         else:
             layer, _ = _layer_split(name)
             if key not in self.filled:
@@ -129,10 +146,18 @@ def load_pretrained(cls, path: str, *, dtype=None, param_dtype=None, mesh=None,
     model = nnx.eval_shape(lambda: cls(config, dtype=dtype, param_dtype=param_dtype,
                                        scan_layers=scan_layers, attention_impl=attention_impl,
                                        remat=remat, max_context=max_context, rngs=nnx.Rngs(0)))
+    if mesh is not None:
+        from jaxlm.sharding import check_mesh_for_model
+
+        check_mesh_for_model(mesh, config)
     filler = _StateFiller(model, mesh)
     if reader is not None:
-        for name, array in reader.iter_jaxlm():
-            filler.put(name, array)
+        from tqdm.auto import tqdm
+
+        entries = reader.validate()
+        for entry in tqdm(entries, desc=f"loading {os.path.basename(os.path.normpath(path))}",
+                          unit="tensor", disable=reader.total_bytes() <= (1 << 30)):
+            filler.put_from(entry.jaxlm_name, functools.partial(reader.read_jaxlm, entry))
     else:
         _fill_from_jaxlm(path, config, filler)
     filler.check_complete(path)
@@ -167,8 +192,11 @@ def _fill_from_jaxlm(path: str, config: InternLM2Config, filler: _StateFiller) -
             filler.put(name, array)
 
 
-def iter_canonical(model) -> "Iterator[tuple[str, np.ndarray]]":
-    """Yields the model's parameters as host arrays under per-layer jaxlm names."""
+def iter_canonical(model) -> "Iterator[tuple[str, jax.Array]]":
+    """Yields the model's parameters under per-layer jaxlm names, one at a time.
+
+    Arrays keep their sharding: Orbax then writes each process's own shards.
+    """
     vars_ = _variables(nnx.state(model, nnx.Param))
     scanned = model.options.scan_layers
     for entry in hf_layout.entries(model.config):
@@ -178,7 +206,7 @@ def iter_canonical(model) -> "Iterator[tuple[str, np.ndarray]]":
             value = vars_[stacked_name].get_value()[layer]
         else:
             value = vars_[name].get_value()
-        yield name, np.asarray(jax.device_get(value))
+        yield name, value
 
 
 def save_pretrained(model, dst: str, *, overwrite: bool = False, source_dir: str | None = None) -> str:
@@ -186,8 +214,9 @@ def save_pretrained(model, dst: str, *, overwrite: bool = False, source_dir: str
     with atomic_output_dir(dst, overwrite) as tmp:
         dtype = jnp.dtype(model.options.param_dtype).name
         jaxlm_format.save_params(tmp, iter_canonical(model), param_dtype=dtype)
-        config = model.config.replace(extra={**model.config.extra, "torch_dtype": dtype})
-        config.to_json_file(os.path.join(tmp, "config.json"))
-        if source_dir is not None:
-            copy_if_present(source_dir, tmp, SIDECAR_FILES)
+        if is_main_process():
+            config = model.config.replace(extra={**model.config.extra, "torch_dtype": dtype})
+            config.to_json_file(os.path.join(tmp, "config.json"))
+            if source_dir is not None:
+                copy_if_present(source_dir, tmp, SIDECAR_FILES)
     return dst

@@ -6,6 +6,7 @@ work lives in `jaxlm.generation.engine`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Iterator, Sequence
 
@@ -18,13 +19,19 @@ from jaxlm.chat import DEFAULT_META_INSTRUCTION, build_prompt
 from jaxlm.errors import JaxlmError
 from jaxlm.generation import engine
 from jaxlm.generation.sampling import SamplerFlags
+from jaxlm.sharding import batch_multiple, model_mesh, named_sharding
 
 _DEFAULT = object()  # "not given" (None means "no stopping" for eos_token_id)
+
+
+def _mesh_context(mesh):
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
 
 
 @dataclasses.dataclass
 class _Plan:
     input_ids: np.ndarray      # as given (left-padded), [B, T]
+    rows: int                  # B; arrays below may carry extra rows that pad the batch to the mesh
     aligned: np.ndarray        # each row's tokens moved to the front, [B, T_bucket]
     lengths: np.ndarray        # valid tokens per row, [B]
     max_new_tokens: int
@@ -108,10 +115,13 @@ class GenerationMixin:
         else:
             pad = int(pad_token_id)
         T = engine.bucket(longest)
-        aligned = np.full((ids.shape[0], T), pad, np.int32)
-        for row in range(ids.shape[0]):  # valid tokens to the front, whatever side was padded
+        rows = ids.shape[0]
+        padded_rows = rows + (-rows % batch_multiple(model_mesh(self)))
+        aligned = np.full((padded_rows, T), pad, np.int32)
+        for row in range(rows):  # valid tokens to the front, whatever side was padded
             valid = ids[row][mask[row] == 1]
             aligned[row, : valid.size] = valid
+        lengths = np.concatenate([lengths, np.ones(padded_rows - rows, np.int32)])
         num_new = engine.bucket(max_new_tokens)
         flags = SamplerFlags(do_sample=bool(do_sample) and temperature > 0,
                              repetition_penalty=repetition_penalty != 1.0,
@@ -119,22 +129,30 @@ class GenerationMixin:
                              record_logits=bool(output_logits))
         seen = None
         if flags.repetition_penalty:  # HF penalizes every id of input_ids, padding included
-            seen = np.zeros((ids.shape[0], self.config.vocab_size), bool)
-            np.put_along_axis(seen, np.clip(ids, 0, self.config.vocab_size - 1), True, axis=1)
+            seen = np.zeros((padded_rows, self.config.vocab_size), bool)
+            np.put_along_axis(seen[:rows], np.clip(ids, 0, self.config.vocab_size - 1), True, axis=1)
         params = dict(key=jax.random.key(int(seed)), temperature=jnp.float32(temperature),
                       top_k=jnp.int32(top_k), top_p=jnp.float32(top_p),
                       repetition_penalty=jnp.float32(repetition_penalty),
                       eos_ids=jnp.asarray(eos if eos else (-1,), jnp.int32), pad_id=jnp.int32(pad),
                       max_new_tokens=jnp.int32(max_new_tokens),
                       rope_len=jnp.int32(longest + max_new_tokens))
-        return _Plan(ids, aligned, lengths, int(max_new_tokens), num_new, T + num_new, flags, params, seen)
+        params["done_init"] = jnp.asarray(np.arange(padded_rows) >= rows)
+        return _Plan(ids, rows, aligned, lengths, int(max_new_tokens), num_new, T + num_new, flags, params,
+                     seen)
 
     def _prefill(self, plan: _Plan):
         graphdef, state = nnx.split(self)
-        carry = engine.prefill(graphdef, state, plan.aligned, plan.lengths, plan.params["rope_len"],
-                               plan.seen, plan.params["pad_id"], cache_len=plan.cache_len,
-                               cache_dtype=jnp.dtype(self.options.dtype), num_new=plan.num_new,
-                               flags=plan.flags)
+        mesh = model_mesh(self)
+        inputs = (plan.aligned, plan.lengths, plan.seen)
+        if mesh is not None:  # rows split over data x fsdp
+            rows = named_sharding(mesh, ("batch",))
+            inputs = tuple(None if x is None else jax.device_put(x, rows) for x in inputs)
+        with _mesh_context(mesh):
+            carry = engine.prefill(graphdef, state, inputs[0], inputs[1], plan.params["rope_len"],
+                                   inputs[2], plan.params["pad_id"], plan.params["done_init"],
+                                   cache_len=plan.cache_len, cache_dtype=jnp.dtype(self.options.dtype),
+                                   num_new=plan.num_new, flags=plan.flags)
         return graphdef, state, carry
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens=None, do_sample=False,
@@ -160,15 +178,16 @@ class GenerationMixin:
             new = np.stack(new, axis=1) if new else np.zeros((plan.input_ids.shape[0], 0), np.int32)
             return np.concatenate([plan.input_ids, new.astype(plan.input_ids.dtype)], axis=1)
         graphdef, state, carry = self._prefill(plan)
-        carry = engine.decode_loop(graphdef, state, carry, plan.params, flags=plan.flags)
+        with _mesh_context(model_mesh(self)):
+            carry = engine.decode_loop(graphdef, state, carry, plan.params, flags=plan.flags)
         steps = int(carry["step"])
-        new = np.asarray(carry["tokens"][:, :steps]).astype(plan.input_ids.dtype)
+        new = np.asarray(carry["tokens"][: plan.rows, :steps]).astype(plan.input_ids.dtype)
         sequences = np.concatenate([plan.input_ids, new], axis=1)
         if not return_dict_in_generate:
             return sequences
         out = {"sequences": sequences}
         if plan.flags.record_logits:
-            out["logits"] = np.asarray(carry["step_logits"][:, :steps])
+            out["logits"] = np.asarray(carry["step_logits"][: plan.rows, :steps])
         return out
 
     def stream_generate(self, input_ids, attention_mask=None, max_new_tokens=None, do_sample=False,
@@ -181,11 +200,14 @@ class GenerationMixin:
 
     def _stream(self, plan: _Plan, streamer=None):
         graphdef, state, carry = self._prefill(plan)
-        carry = engine.first_step(graphdef, state, carry, plan.params, flags=plan.flags)
+        mesh = model_mesh(self)
+        with _mesh_context(mesh):
+            carry = engine.first_step(graphdef, state, carry, plan.params, flags=plan.flags)
         for step in range(plan.max_new_tokens):
             if step:
-                carry = engine.next_step(graphdef, state, carry, plan.params, flags=plan.flags)
-            token, done = jax.device_get((carry["token"], carry["done"]))
+                with _mesh_context(mesh):
+                    carry = engine.next_step(graphdef, state, carry, plan.params, flags=plan.flags)
+            token, done = jax.device_get((carry["token"][: plan.rows], carry["done"]))
             if streamer is not None:
                 streamer.put(np.asarray(token))
             yield np.asarray(token)

@@ -22,6 +22,7 @@ from flax import nnx
 
 from jaxlm.generation.sampling import SamplerFlags, select_tokens
 from jaxlm.nn.attention import make_attention_mask
+from jaxlm.sharding import constrain
 
 COMPILES: collections.Counter = collections.Counter()
 
@@ -34,13 +35,18 @@ def bucket(n: int, minimum: int = 16) -> int:
     return -(-n // 4096) * 4096
 
 
+CACHE_AXES = ("batch", "cache_length", "act_kv_heads", None)
+
+
 def init_caches(model, batch: int, length: int, dtype):
+    """Per-layer (k, v) caches ``[B, S, K, D]`` (stacked ``[L, ...]`` for scanned layers)."""
     cfg = model.config
     shape = (batch, length, cfg.num_key_value_heads, cfg.head_dim)
     if model.options.scan_layers:
-        stacked = (cfg.num_hidden_layers,) + shape
-        return (jnp.zeros(stacked, dtype), jnp.zeros(stacked, dtype))
-    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_hidden_layers)]
+        zeros = lambda: constrain(jnp.zeros((cfg.num_hidden_layers,) + shape, dtype), ("layers",) + CACHE_AXES)
+        return (zeros(), zeros())
+    zeros = lambda: constrain(jnp.zeros(shape, dtype), CACHE_AXES)
+    return [(zeros(), zeros()) for _ in range(cfg.num_hidden_layers)]
 
 
 def _last_logits(model, hidden, lengths):
@@ -50,12 +56,13 @@ def _last_logits(model, hidden, lengths):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "cache_dtype", "num_new", "flags"))
-def prefill(graphdef, state, ids, lengths, rope_len, seen_init, pad_id, *, cache_len, cache_dtype,
-            num_new, flags):
+def prefill(graphdef, state, ids, lengths, rope_len, seen_init, pad_id, done_init, *, cache_len,
+            cache_dtype, num_new, flags):
     """Runs the aligned prompts ``ids [B, T]`` and returns the decode carry.
 
     The cache holds ``cache_len`` slots; ``num_new`` is the (bucketed) size of
-    the buffer of new tokens.
+    the buffer of new tokens. ``done_init`` marks rows that only pad the batch
+    to the mesh (they never hold the loop open).
     """
     COMPILES["prefill"] += 1
     model = nnx.merge(graphdef, state)
@@ -68,7 +75,7 @@ def prefill(graphdef, state, ids, lengths, rope_len, seen_init, pad_id, *, cache
                                  write_slot=jnp.zeros((B,), jnp.int32))
     return dict(caches=caches, logits=_last_logits(model, hidden, lengths), lengths=lengths,
                 seen=seen_init if flags.repetition_penalty else None,
-                tokens=jnp.full((B, num_new), pad_id, jnp.int32), done=jnp.zeros((B,), bool),
+                tokens=jnp.full((B, num_new), pad_id, jnp.int32), done=done_init,
                 step=jnp.int32(0), token=jnp.zeros((B,), jnp.int32),
                 step_logits=(jnp.zeros((B, num_new, model.config.vocab_size), jnp.float32)
                              if flags.record_logits else None))

@@ -10,6 +10,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxlm.config import InternLM2Config
@@ -22,7 +23,7 @@ from jaxlm.nn.mlp import SwiGLU
 from jaxlm.nn.norm import RMSNorm
 from jaxlm.nn.rotary import RopeConfig, apply_rope, dynamic_ntk_base, rope_cos_sin
 from jaxlm.nn.stack import make_stacked, run_layers
-from jaxlm.sharding import constrain
+from jaxlm.sharding import batch_multiple, constrain, model_mesh, named_sharding, pad_rows
 
 ACT = ("batch", "length", "act_embed")
 
@@ -81,7 +82,8 @@ def _write_cache(kv_cache, k, v, write_slot):
     slots = write_slot[:, None] + jnp.arange(k.shape[1])[None, :]         # [B, T]
     k_cache = k_cache.at[rows, slots].set(k.astype(k_cache.dtype), mode="drop")
     v_cache = v_cache.at[rows, slots].set(v.astype(v_cache.dtype), mode="drop")
-    return k_cache, v_cache
+    axes = ("batch", "cache_length", "act_kv_heads", None)
+    return constrain(k_cache, axes), constrain(v_cache, axes)
 
 
 class InternLM2DecoderLayer(nnx.Module):
@@ -188,7 +190,19 @@ class InternLM2ForCausalLM(GenerationMixin, nnx.Module):
         if any(isinstance(a, jax.core.Tracer) for a in args):
             return self.forward(*args)
         graphdef, state = nnx.split(self)
-        return _jitted_forward(graphdef, state, *args)
+        mesh = model_mesh(self)
+        if mesh is None:
+            return _jitted_forward(graphdef, state, *args)
+        # On a mesh the batch is split over the data x fsdp axes; a batch that
+        # does not divide evenly is padded here and the padding dropped below.
+        rows = np.asarray(input_ids).shape[0]
+        multiple = batch_multiple(mesh)
+        batch_sharding = named_sharding(mesh, ("batch", None))
+        placed = [None if a is None else
+                  jax.device_put(pad_rows(np.asarray(a), multiple, 1 if i == 1 else 0), batch_sharding)
+                  for i, a in enumerate(args)]
+        with jax.set_mesh(mesh):
+            return _jitted_forward(graphdef, state, *placed)[:rows]
 
 
 def attention_mask_for(T: int, attention_mask=None, segment_ids=None) -> jax.Array:

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.nn.params import logical_param, normal
+from jaxlm.sharding import constrain
 
 
 class Embed(nnx.Module):
@@ -15,7 +16,10 @@ class Embed(nnx.Module):
                                        param_dtype)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        # A gather from a vocab-sharded table is a full rematerialization for the
+        # SPMD partitioner; gathering the vocab shards first is one all-gather.
+        table = constrain(self.embedding[...], (None, "embed"))
+        return jnp.take(table, ids, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Logits against the table (the tied output head)."""
