@@ -19,6 +19,7 @@ COMMANDS = {
     "info": ("jaxlm.commands.info", "show a checkpoint's config and parameter count"),
     "generate": ("jaxlm.commands.generate", "complete one prompt (for scripts)"),
     "chat": ("jaxlm.commands.chat", "interactive streaming chat"),
+    "plan": ("jaxlm.commands.plan", "bytes per device of a run, and whether it fits"),
 }
 
 

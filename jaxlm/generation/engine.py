@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.generation.sampling import SamplerFlags, select_tokens
-from jaxlm.nn.attention import make_attention_mask
+from jaxlm.nn.attention import AttentionMask
 from jaxlm.sharding import constrain
 
 COMPILES: collections.Counter = collections.Counter()
@@ -69,8 +69,8 @@ def prefill(graphdef, state, ids, lengths, rope_len, seen_init, pad_id, done_ini
     B, T = ids.shape
     caches = init_caches(model, B, cache_len, cache_dtype)
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    # Queries read only the T prompt slots of the cache (the mask's width).
-    mask = make_attention_mask(T, T, key_valid=jnp.arange(T)[None, :] < lengths[:, None])
+    # Queries read only the T prompt slots of the cache.
+    mask = AttentionMask(T, True, 0, key_lengths=lengths)
     hidden, caches = model.model(ids, positions, mask, rope_len=rope_len, kv_caches=caches,
                                  write_slot=jnp.zeros((B,), jnp.int32))
     return dict(caches=caches, logits=_last_logits(model, hidden, lengths), lengths=lengths,
@@ -84,7 +84,7 @@ def prefill(graphdef, state, ids, lengths, rope_len, seen_init, pad_id, done_ini
 def _decode_forward(model, carry, token, rope_len):
     lengths = carry["lengths"]
     cache_len = jax.tree.leaves(carry["caches"])[0].shape[-3]
-    mask = make_attention_mask(1, cache_len, q_offset=lengths)          # keys at slots <= length
+    mask = AttentionMask(cache_len, True, lengths)                      # keys at slots <= length
     hidden, caches = model.model(token[:, None], lengths[:, None], mask, rope_len=rope_len,
                                  kv_caches=carry["caches"], write_slot=lengths)
     return dict(carry, caches=caches, logits=model.logits(hidden)[:, 0], lengths=lengths + 1)

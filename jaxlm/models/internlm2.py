@@ -16,7 +16,7 @@ from flax import nnx
 from jaxlm.config import InternLM2Config
 from jaxlm.generation.api import GenerationMixin
 from jaxlm.models.options import ModelOptions
-from jaxlm.nn.attention import make_attention_mask, xla_attention, xla_decode_attention
+from jaxlm.nn.attention import AttentionMask, xla_attention, xla_decode_attention
 from jaxlm.nn.embed import Embed
 from jaxlm.nn.linear import Projection
 from jaxlm.nn.mlp import SwiGLU
@@ -66,11 +66,8 @@ class InternLM2Attention(nnx.Module):
             if T == 1:  # decoding: one query per row against the cache
                 out = xla_decode_attention(q.reshape(B, -1, q.shape[-1]), *new_cache, write_slot + 1)
                 return self.wo(out.reshape(B, 1, -1, out.shape[-1])), new_cache
-            kv_len = mask.shape[-1]  # the mask's width says how many cache slots to read
-            k, v = new_cache[0][:, :kv_len], new_cache[1][:, :kv_len]
-        # Callers build causal masks whose query 0 sits at key slot kv_len - T.
-        out = xla_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask,
-                            causal_offset=mask.shape[-1] - T)                  # [B, T, K, G, D]
+            k, v = new_cache[0][:, :mask.kv_len], new_cache[1][:, :mask.kv_len]
+        out = xla_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)   # [B, T, K, G, D]
         out = out.reshape(B, T, -1, out.shape[-1])               # [B, T, H, D], head = k*G + g
         return self.wo(out), new_cache
 
@@ -169,6 +166,10 @@ class InternLM2ForCausalLM(GenerationMixin, nnx.Module):
         ``cumsum(mask) - 1`` clamped at 0 (HF's left-padding rule). With
         ``segment_ids`` (packed rows) attention stays inside each segment.
         """
+        return self.logits(self.hidden_states(input_ids, attention_mask, position_ids, segment_ids))
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None):
+        """Final-norm hidden states ``[B, T, E]`` (what `forward` feeds the output head)."""
         input_ids = jnp.asarray(input_ids)
         B, T = input_ids.shape
         if position_ids is None:
@@ -178,7 +179,7 @@ class InternLM2ForCausalLM(GenerationMixin, nnx.Module):
                 position_ids = jnp.broadcast_to(jnp.arange(T), (B, T))
         mask = attention_mask_for(T, attention_mask, segment_ids)
         hidden, _ = self.model(input_ids, jnp.asarray(position_ids, jnp.int32), mask)
-        return self.logits(hidden)
+        return hidden
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None):
         """``model(input_ids, attention_mask=None, position_ids=None)`` -> float32 logits.
@@ -205,11 +206,11 @@ class InternLM2ForCausalLM(GenerationMixin, nnx.Module):
             return _jitted_forward(graphdef, state, *placed)[:rows]
 
 
-def attention_mask_for(T: int, attention_mask=None, segment_ids=None) -> jax.Array:
+def attention_mask_for(T: int, attention_mask=None, segment_ids=None) -> AttentionMask:
     """Causal mask for a full sequence, with key padding and/or packed segments."""
     key_valid = None if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
     seg = None if segment_ids is None else jnp.asarray(segment_ids)
-    return make_attention_mask(T, T, key_valid=key_valid, q_segment=seg, kv_segment=seg)
+    return AttentionMask(T, True, 0, None, key_valid, seg, seg)
 
 
 # Plain jax.jit over (graphdef, state): nnx.jit would return the module state as

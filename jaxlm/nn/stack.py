@@ -13,6 +13,8 @@ from typing import Any, Callable
 import jax
 from flax import nnx
 
+from jaxlm.nn.params import add_leading_axis
+
 _REMAT_POLICIES = {
     "full": None,
     "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -23,17 +25,21 @@ def make_stacked(make_layer: Callable[[nnx.Rngs], nnx.Module], num: int, rngs: n
     """One module whose parameters carry a leading ``layers`` axis of size ``num``."""
 
     @nnx.split_rngs(splits=num)
-    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    @nnx.vmap(in_axes=(0,), out_axes=0)
     def build(r):
         return make_layer(r)
 
-    return build(rngs)
+    stacked = build(rngs)
+    add_leading_axis(stacked, "layers")
+    return stacked
 
 
-def _maybe_remat(fn, remat: str):
+def _maybe_remat(fn, remat: str, scanned: bool):
     if remat == "none":
         return fn
-    return jax.checkpoint(fn, policy=_REMAT_POLICIES[remat], prevent_cse=False)
+    # Outside a scan, XLA's CSE would merge the recomputation with the forward
+    # pass (undoing the remat) unless prevented; inside a scan it cannot.
+    return jax.checkpoint(fn, policy=_REMAT_POLICIES[remat], prevent_cse=not scanned)
 
 
 def run_layers(layers, x, layer_fn: Callable[[nnx.Module, Any, Any], tuple[Any, Any]],
@@ -51,7 +57,7 @@ def run_layers(layers, x, layer_fn: Callable[[nnx.Module, Any, Any], tuple[Any, 
             layer_state, extra = xs
             return layer_fn(nnx.merge(graphdef, layer_state), carry, extra)
 
-        return jax.lax.scan(_maybe_remat(body, remat), x, (state, per_layer))
+        return jax.lax.scan(_maybe_remat(body, remat, True), x, (state, per_layer))
 
     outs = []
     for i, layer in enumerate(layers):
@@ -60,6 +66,7 @@ def run_layers(layers, x, layer_fn: Callable[[nnx.Module, Any, Any], tuple[Any, 
             x, out = layer_fn(layer, x, extra)
         else:
             graphdef, state = nnx.split(layer)
-            x, out = _maybe_remat(lambda s, h, e: layer_fn(nnx.merge(graphdef, s), h, e), remat)(state, x, extra)
+            x, out = _maybe_remat(lambda s, h, e: layer_fn(nnx.merge(graphdef, s), h, e), remat, False)(
+                state, x, extra)
         outs.append(out)
     return x, (None if per_layer is None and all(o is None for o in outs) else outs)

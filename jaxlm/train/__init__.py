@@ -1,0 +1,1 @@
+"""Fine-tuning: the sharded train step, data, LoRA, checkpoints and the loop."""

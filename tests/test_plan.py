@@ -1,0 +1,126 @@
+"""The memory planner against XLA's own buffer assignment (compiled.memory_analysis())."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from flax import nnx
+
+from conftest import REPO
+from jaxlm import ConfigError, InternLM2Config, InternLM2ForCausalLM
+from jaxlm.checkpoint.loading import param_sharding
+from jaxlm.generation import engine
+from jaxlm.generation.sampling import SamplerFlags
+from jaxlm.plan import plan_memory
+from jaxlm.sharding import make_mesh, named_sharding
+from jaxlm.train.step import OptimizerConfig, make_optimizer, train_step
+
+CONFIG = InternLM2Config(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+                         num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=8192)
+
+
+def device_bytes(compiled) -> int:
+    m = compiled.memory_analysis()
+    return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+
+
+def abstract_model(mesh, **options):
+    model = nnx.eval_shape(lambda: InternLM2ForCausalLM(CONFIG, scan_layers=True, rngs=nnx.Rngs(0), **options))
+    return model, lambda var: jax.ShapeDtypeStruct(var.get_value().shape, var.get_value().dtype,
+                                                   sharding=param_sharding(var, mesh))
+
+
+def compiled_train_step(mesh_spec, batch, T, remat, dtype):
+    mesh = make_mesh(mesh_spec)
+    model, place = abstract_model(mesh, dtype=dtype, param_dtype="float32", remat=remat)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params = jax.tree.map(place, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    opt = make_optimizer(OptimizerConfig())
+    opt_state = optax.tree_map_params(
+        opt, lambda s, p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=p.sharding),
+        jax.eval_shape(opt.init, params), params,
+        transform_non_params=lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                                            sharding=named_sharding(mesh, (None,) * s.ndim)))
+    rows = named_sharding(mesh, ("batch", None))
+    batch_spec = {k: jax.ShapeDtypeStruct((batch, T), jnp.float32 if k == "loss_weights" else jnp.int32,
+                                          sharding=rows) for k in ("input_ids", "targets", "loss_weights")}
+    with jax.set_mesh(mesh):
+        return train_step.lower(graphdef, params, rest, opt_state, batch_spec, optimizer=opt).compile()
+
+
+def compiled_prefill(mesh_spec, batch, T, dtype):
+    mesh = make_mesh(mesh_spec)
+    model, place = abstract_model(mesh, dtype=dtype, param_dtype=dtype)
+    graphdef, state = nnx.split(model)
+    state = jax.tree.map(place, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    rows = named_sharding(mesh, ("batch",))
+    with jax.set_mesh(mesh):
+        return engine.prefill.lower(
+            graphdef, state, jax.ShapeDtypeStruct((batch, T), jnp.int32, sharding=named_sharding(mesh, ("batch", None))),
+            jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows), jnp.int32(T), None, jnp.int32(0),
+            jax.ShapeDtypeStruct((batch,), bool, sharding=rows), cache_len=T + 16,
+            cache_dtype=jnp.dtype(dtype), num_new=16, flags=SamplerFlags()).compile()
+
+
+@pytest.mark.parametrize("mesh, batch, T, remat, dtype", [
+    ("fsdp=8", 8, 1024, "full", "float32"),
+    ("fsdp=8", 8, 1024, "none", "float32"),
+    ("fsdp=4,tensor=2", 8, 1024, "full", "float32"),
+    ("fsdp=8", 8, 4096, "full", "float32"),
+])
+def test_training_plan_within_15_percent(mesh, batch, T, remat, dtype):
+    xla = device_bytes(compiled_train_step(mesh, batch, T, remat, dtype))
+    plan = plan_memory(CONFIG, mesh=mesh, batch=batch, context=T, train="full", remat=remat, dtype=dtype)
+    print(f"train {mesh} {batch}x{T} remat={remat}: plan {plan.total / 2**20:.0f} MiB, XLA {xla / 2**20:.0f} MiB")
+    assert abs(plan.total / xla - 1) <= 0.15
+
+
+@pytest.mark.parametrize("mesh, batch, T, dtype", [
+    ("fsdp=4,context=2", 4, 4096, "bfloat16"),
+    ("tensor=8", 1, 8192, "bfloat16"),
+    ("fsdp=8", 8, 2048, "float32"),
+])
+def test_inference_plan_within_15_percent(mesh, batch, T, dtype):
+    xla = device_bytes(compiled_prefill(mesh, batch, T, dtype))
+    plan = plan_memory(CONFIG, mesh=mesh, batch=batch, context=T + 16, dtype=dtype, chunk=T, scan_layers=True)
+    print(f"prefill {mesh} {batch}x{T}: plan {plan.total / 2**20:.0f} MiB, XLA {xla / 2**20:.0f} MiB")
+    assert abs(plan.total / xla - 1) <= 0.15
+
+
+def test_sharding_and_optimizer_accounting():
+    one = plan_memory(CONFIG, mesh="fsdp=1", batch=8, context=512, train="full")
+    eight = plan_memory(CONFIG, mesh="fsdp=8", batch=8, context=512, train="full")
+    n = CONFIG.num_params()
+    assert one.params == n * 4 and one.optimizer == 2 * n * 4 and one.gradients == n * 4
+    norms = (2 * CONFIG.num_hidden_layers + 1) * CONFIG.hidden_size * 4  # replicated on every device
+    assert abs(eight.params * 8 - one.params) <= 8 * norms
+    lora = plan_memory(CONFIG, batch=1, context=512, train="lora", lora_rank=8, dtype="bfloat16")
+    assert lora.params > n * 2 and lora.optimizer < one.optimizer / 50
+    int8 = plan_memory(CONFIG, context=65536, kv_cache_dtype="int8", dtype="bfloat16")
+    bf16 = plan_memory(CONFIG, context=65536, dtype="bfloat16")
+    assert 0.5 <= int8.kv_cache / bf16.kv_cache < 0.6
+    with pytest.raises(ConfigError, match="valid tensor sizes: 1, 2, 4, 8"):
+        plan_memory(CONFIG, mesh="tensor=16")
+
+
+def jaxlm(*args):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "jaxlm", *args], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=300)
+
+
+def test_plan_cli_verdicts():
+    no = jaxlm("plan", "--preset", "internlm2-chat-7b", "--mesh", "fsdp=4,tensor=2", "--batch", "1",
+               "--context", "200000", "--device", "v5e")
+    assert no.returncode == 3 and "DOES NOT FIT" in no.stdout and "int8" in no.stdout
+    yes = jaxlm("plan", "--preset", "internlm2-chat-7b", "--mesh", "fsdp=8", "--batch", "8", "--context", "4096",
+                "--train", "full", "--device-memory", "95GiB", "--json")
+    out = json.loads(yes.stdout)
+    assert yes.returncode == 0 and out["fits"] is True and out["optimizer"] == 2 * out["gradients"]
+    bad = jaxlm("plan", "--preset", "internlm2-7b", "--mesh", "tensor=3")
+    assert bad.returncode == 1 and "valid tensor sizes: 1, 2, 4, 8" in bad.stderr
