@@ -1,0 +1,152 @@
+"""What the attention kernels share: block sizes, padding, masks, references.
+
+Block sizes live in one table, by backend and head dim. The float32
+"highest"-precision references are what the tests hold the kernels to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Finite, so a fully masked row (padding) stays NaN-free: exp(MASK - MASK) = 1,
+# and any real score wipes it out through the running-max correction.
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+HEAD_DIMS = (64, 128, 256)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    block_q: int          # forward: queries per program
+    block_k: int          # forward: keys per inner step
+    block_q_bwd: int      # backward tiles
+    block_k_bwd: int
+    decode_block_k: int   # decode: keys per inner step
+    decode_split: int     # decode: keys per split (flash-decoding parallelism)
+
+
+# (backend, head_dim) -> sizes. GPU (Triton): tiles that keep q, k, v and the
+# float32 accumulator in registers/shared memory at 4-8 warps; TPU (Mosaic):
+# multiples of 128 (the MXU and lane width); "interpret" runs the GPU kernels
+# on CPU in tests, where small tiles keep the emulation fast.
+BLOCK_TABLE: dict[tuple[str, int], BlockSizes] = {
+    ("gpu", 64): BlockSizes(128, 64, 64, 64, 64, 1024),
+    ("gpu", 128): BlockSizes(128, 64, 64, 64, 64, 1024),
+    ("gpu", 256): BlockSizes(64, 32, 32, 32, 32, 1024),
+    ("tpu", 64): BlockSizes(512, 512, 256, 256, 512, 4096),
+    ("tpu", 128): BlockSizes(512, 512, 256, 256, 512, 4096),
+    ("tpu", 256): BlockSizes(256, 256, 128, 128, 256, 4096),
+    ("interpret", 64): BlockSizes(32, 32, 32, 32, 32, 128),
+    ("interpret", 128): BlockSizes(32, 32, 32, 32, 32, 128),
+    ("interpret", 256): BlockSizes(32, 32, 32, 32, 32, 128),
+}
+
+
+def default_backend() -> str:
+    return jax.default_backend()
+
+
+def block_sizes_for(kind: str, head_dim: int, override: BlockSizes | dict | None = None) -> BlockSizes:
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"head_dim: {head_dim} is not supported; expected one of {HEAD_DIMS}")
+    sizes = BLOCK_TABLE[(kind, head_dim)]
+    if override is None:
+        return sizes
+    if isinstance(override, dict):
+        return dataclasses.replace(sizes, **override)
+    return override
+
+
+def round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def pad_axis(x: jax.Array, axis: int, length: int, value=0) -> jax.Array:
+    if x.shape[axis] == length:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, length - x.shape[axis])
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def check_inputs(q, k, v, segment_ids, causal):
+    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
+        raise ValueError(f"flash_attention: expected q [B, T, Hq, D] and k, v [B, S, Hkv, D]; got "
+                         f"q {q.shape}, k {k.shape}, v {v.shape}")
+    B, T, Hq, D = q.shape
+    _, S, Hkv, Dk = k.shape
+    if k.shape[0] != B or Dk != D:
+        raise ValueError(f"flash_attention: batch/head_dim mismatch: q {q.shape}, k {k.shape}")
+    if Hq % Hkv:
+        raise ValueError(f"flash_attention: query heads {Hq} must be a multiple of kv heads {Hkv}")
+    if causal and T > S:
+        raise ValueError(f"flash_attention: causal attention needs T <= S, got T={T}, S={S}")
+    if segment_ids is not None:
+        if T != S:
+            raise ValueError(f"flash_attention: segment_ids need T == S, got T={T}, S={S}")
+        if segment_ids.shape != (B, T):
+            raise ValueError(f"flash_attention: segment_ids must be [B, T] = {(B, T)}, got {segment_ids.shape}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dtype not in (jnp.float32, jnp.bfloat16):
+            raise ValueError(f"flash_attention: {name} must be float32 or bfloat16, got {x.dtype}")
+
+
+def dot_precision(dtype):
+    """float32 inputs get full-precision products (no TF32 / bf16 passes)."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+# ------------------------------------------------------------------ references
+def reference_attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None):
+    """float32, highest-precision attention with the kernels' semantics."""
+    B, T, Hq, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    scale = sm_scale if sm_scale is not None else 1 / math.sqrt(D)
+    hi = jax.lax.Precision.HIGHEST
+    qf = q.astype(jnp.float32).reshape(B, T, Hkv, G, D)
+    s = jnp.einsum("btkgd,bskd->bkgts", qf, k.astype(jnp.float32), precision=hi) * scale
+    mask = jnp.ones((T, S), bool)
+    if causal:
+        mask = jnp.arange(S)[None, :] <= jnp.arange(T)[:, None] + (S - T)
+    mask = jnp.broadcast_to(mask, (B, T, S))
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    s = jnp.where(mask[:, None, None], s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    p = jnp.where(mask[:, None, None], p, 0.0)
+    out = jnp.einsum("bkgts,bskd->btkgd", p, v.astype(jnp.float32), precision=hi)
+    return out.reshape(B, T, Hq, D)
+
+
+def reference_decode(q, k_cache, v_cache, lengths, *, sm_scale=None):
+    B, Hq, D = q.shape
+    S, Hkv = k_cache.shape[1], k_cache.shape[2]
+    G = Hq // Hkv
+    scale = sm_scale if sm_scale is not None else 1 / math.sqrt(D)
+    hi = jax.lax.Precision.HIGHEST
+    s = jnp.einsum("bkgd,bskd->bkgs", q.astype(jnp.float32).reshape(B, Hkv, G, D),
+                   k_cache.astype(jnp.float32), precision=hi) * scale
+    valid = jnp.arange(S)[None, :] < lengths[:, None]
+    s = jnp.where(valid[:, None, None], s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    out = jnp.einsum("bkgs,bskd->bkgd", p, v_cache.astype(jnp.float32), precision=hi)
+    return out.reshape(B, Hq, D)
+
+
+def merge_splits(o_parts: jax.Array, lse_parts: jax.Array) -> jax.Array:
+    """Combines split-K partial outputs by log-sum-exp.
+
+    ``o_parts [..., n, G, D]`` (each normalized within its split) and
+    ``lse_parts [..., n, G]`` (-inf for an empty split).
+    """
+    m = jnp.max(lse_parts, axis=-2, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    w = jnp.exp(lse_parts - m)                                   # [..., n, G]
+    total = jnp.sum(w, axis=-2)                                  # [..., G]
+    out = jnp.sum(w[..., None] * o_parts, axis=-3)              # [..., G, D]
+    return out / jnp.where(total > 0, total, 1.0)[..., None]

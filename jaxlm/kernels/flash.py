@@ -1,0 +1,117 @@
+"""``flash_attention``: the public entry point, with a Pallas backward (custom_vjp).
+
+Pads T and S up to block multiples (masking the padded keys), picks the
+backend's kernels (GPU/Triton, TPU/Mosaic, or the GPU kernels in interpret
+mode on CPU), and slices the padding off again.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jaxlm.kernels import flash_gpu, flash_tpu
+from jaxlm.kernels.common import (BlockSizes, block_sizes_for, check_inputs, default_backend, pad_axis,
+                                  round_up)
+
+
+def _kind(interpret, backend=None) -> tuple[str, object]:
+    """(kernel family, interpret argument) for this call.
+
+    ``backend`` ("gpu" or "tpu") forces a kernel family, e.g. to lower for a
+    platform other than the one running (``jax.export`` checks in the tests).
+    """
+    if backend is not None:
+        if backend not in ("gpu", "tpu"):
+            raise ValueError(f"backend: expected 'gpu' or 'tpu', got {backend!r}")
+        return backend, interpret or False
+    backend = default_backend()
+    if interpret is None:
+        interpret = backend not in ("gpu", "tpu")
+    if backend == "tpu" or _is_tpu_interpret(interpret):
+        return "tpu", interpret if interpret else False
+    return ("interpret" if interpret else "gpu"), bool(interpret)
+
+
+def _is_tpu_interpret(interpret) -> bool:
+    return type(interpret).__name__ == "InterpretParams"
+
+
+def flash_attention(q, k, v, *, causal: bool = True, segment_ids=None, sm_scale: float | None = None,
+                    block_sizes: BlockSizes | dict | None = None, interpret=None, backend: str | None = None):
+    """Flash attention: ``q [B, T, Hq, D]``, ``k, v [B, S, Hkv, D]`` -> ``[B, T, Hq, D]``.
+
+    GQA inside the kernel (query head ``i`` reads kv head ``i // (Hq / Hkv)``);
+    causal allows ``T <= S`` aligned at the end (query ``i`` sees keys
+    ``<= i + S - T``); ``segment_ids [B, T]`` (T == S) keeps attention inside
+    packed examples. float32 or bfloat16 in, float32 accumulation. On CPU the
+    kernels run in interpret mode (``interpret=None``); pass
+    ``jax.experimental.pallas.tpu.InterpretParams()`` to run the TPU kernels so.
+    """
+    check_inputs(q, k, v, segment_ids, causal)
+    family, interpret = _kind(interpret, backend)
+    sizes_kind = "tpu" if family == "tpu" else family
+    sizes = block_sizes_for(sizes_kind, q.shape[-1], block_sizes)
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
+    return _flash(q, k, v, seg, causal, float(scale), sizes, family, interpret)
+
+
+def _plan(T, S, sizes: BlockSizes, family: str, backward: bool):
+    bq = sizes.block_q_bwd if backward else sizes.block_q
+    bk = sizes.block_k_bwd if backward else sizes.block_k
+    unit = 128 if family == "tpu" else 16
+    bq = min(bq, round_up(T, unit))
+    bk = min(bk, round_up(S, unit))
+    return bq, bk, round_up(T, bq), round_up(S, bk)
+
+
+def _pad(q, k, v, seg, T_pad, S_pad):
+    q = pad_axis(q, 1, T_pad)
+    k, v = pad_axis(k, 1, S_pad), pad_axis(v, 1, S_pad)
+    if seg is None:
+        return q, k, v, None, None
+    return q, k, v, pad_axis(seg, 1, T_pad, -1), pad_axis(seg, 1, S_pad, -2)
+
+
+def _module(family):
+    return flash_tpu if family == "tpu" else flash_gpu
+
+
+def _forward(q, k, v, seg, causal, scale, sizes, family, interpret):
+    B, T, Hq, D = q.shape
+    S = k.shape[1]
+    # The backward reuses the padded layout, so pad once to a multiple of both tilings.
+    bq, bk, _, _ = _plan(T, S, sizes, family, False)
+    bq2, bk2, _, _ = _plan(T, S, sizes, family, True)
+    T_pad, S_pad = round_up(T, math.lcm(bq, bq2)), round_up(S, math.lcm(bk, bk2))
+    qp, kp, vp, qs, ks = _pad(q, k, v, seg, T_pad, S_pad)
+    out, lse = _module(family).forward(qp, kp, vp, qs, ks, scale=scale, causal=causal, offset=S - T,
+                                       kv_len=S, block_q=bq, block_k=bk, interpret=interpret)
+    return out[:, :T], (qp, kp, vp, qs, ks, out, lse)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _flash(q, k, v, seg, causal, scale, sizes, family, interpret):
+    return _forward(q, k, v, seg, causal, scale, sizes, family, interpret)[0]
+
+
+def _flash_fwd(q, k, v, seg, causal, scale, sizes, family, interpret):
+    out, residuals = _forward(q, k, v, seg, causal, scale, sizes, family, interpret)
+    return out, (residuals, q.shape[1], k.shape[1])
+
+
+def _flash_bwd(causal, scale, sizes, family, interpret, saved, d_out):
+    (qp, kp, vp, qs, ks, out, lse), T, S = saved
+    bq, bk, _, _ = _plan(T, S, sizes, family, True)
+    do = pad_axis(d_out, 1, qp.shape[1])
+    dq, dk, dv = _module(family).backward(qp, kp, vp, qs, ks, out, lse, do, scale=scale, causal=causal,
+                                          offset=S - T, kv_len=S, block_q=bq, block_k=bk,
+                                          interpret=interpret)
+    return dq[:, :T], dk[:, :S], dv[:, :S], None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
