@@ -1,6 +1,7 @@
 """Pallas attention kernels for GPU (Triton) and TPU (Mosaic); interpret mode on CPU."""
 
 from jaxlm.kernels.common import BLOCK_TABLE, BlockSizes, reference_attention, reference_decode
+from jaxlm.kernels.decode import decode_attention
 from jaxlm.kernels.flash import flash_attention
 
-__all__ = ["flash_attention", "BlockSizes", "BLOCK_TABLE", "reference_attention", "reference_decode"]
+__all__ = ["flash_attention", "decode_attention", "BlockSizes", "BLOCK_TABLE", "reference_attention", "reference_decode"]
