@@ -6,6 +6,7 @@ Block sizes live in one table, by backend and head dim. The float32
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -150,3 +151,47 @@ def merge_splits(o_parts: jax.Array, lse_parts: jax.Array) -> jax.Array:
     total = jnp.sum(w, axis=-2)                                  # [..., G]
     out = jnp.sum(w[..., None] * o_parts, axis=-3)              # [..., G, D]
     return out / jnp.where(total > 0, total, 1.0)[..., None]
+
+
+# ------------------------------------------------------------- poisoned outputs
+_poison = {"on": False}
+
+
+@contextlib.contextmanager
+def poison_outputs():
+    """Tests: every kernel output starts as NaN, so an element a kernel forgets
+    to write fails the comparison instead of passing as a stale zero.
+
+    (The TPU kernels get the same from ``InterpretParams(uninitialized_memory="nan")``.)
+    """
+    previous = _poison["on"]
+    _poison["on"] = True
+    try:
+        yield
+    finally:
+        _poison["on"] = previous
+
+
+def pallas_call(kernel, *, in_specs, out_specs, out_shape, **kwargs):
+    """``pl.pallas_call``; under `poison_outputs`, outputs alias NaN-filled inputs."""
+    from jax.experimental import pallas as pl
+
+    if not _poison["on"]:
+        return pl.pallas_call(kernel, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, **kwargs)
+    outs = list(out_shape) if isinstance(out_shape, (list, tuple)) else [out_shape]
+    specs = list(out_specs) if isinstance(out_specs, (list, tuple)) else [out_specs]
+    n_refs = len(in_specs)
+
+    def with_poison_inputs(*refs):
+        return kernel(*refs[:n_refs], *refs[n_refs + len(outs):])
+
+    def run(*args):
+        n_leaves = len(jax.tree.leaves(args))  # None inputs take no operand slot
+        poison = [jnp.full(o.shape, jnp.nan if jnp.issubdtype(o.dtype, jnp.floating) else -1, o.dtype)
+                  for o in outs]
+        call = pl.pallas_call(with_poison_inputs, in_specs=list(in_specs) + specs, out_specs=out_specs,
+                              out_shape=out_shape,
+                              input_output_aliases={n_leaves + i: i for i in range(len(outs))}, **kwargs)
+        return call(*args, *poison)
+
+    return run

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxlm.kernels.common import MASK_VALUE, block_sizes_for, default_backend, dot_precision, merge_splits, \
-    pad_axis, round_up
+from jaxlm.kernels.common import (MASK_VALUE, block_sizes_for, dot_precision, merge_splits, pad_axis,
+                                  pallas_call, round_up)
 
 
 def decode_attention(q, k_cache, v_cache, lengths, *, sm_scale: float | None = None, block_k: int | None = None,
@@ -112,7 +112,7 @@ def _decode_gpu(q, k_cache, v_cache, lengths, scale, block_k, split, interpret):
         from jax.experimental.pallas import triton as plgpu
 
         params = plgpu.CompilerParams(num_warps=4, num_stages=2)
-    o_parts, lse_parts = pl.pallas_call(
+    o_parts, lse_parts = pallas_call(
         kernel,
         grid=(B, Hkv, n_splits),
         in_specs=[pl.BlockSpec(lens.shape, lambda b, h, s: (0,)),

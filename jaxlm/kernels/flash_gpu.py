@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxlm.kernels.common import MASK_VALUE, dot_precision
+from jaxlm.kernels.common import MASK_VALUE, dot_precision, pallas_call
 
 
 def _compiler_params(head_dim: int, interpret):
@@ -113,7 +113,7 @@ def forward(q, k, v, q_seg, k_seg, *, scale, causal, offset, kv_len, block_q, bl
     seg_specs = [None, None] if q_seg is None else [
         pl.BlockSpec((None, block_q), lambda b, h, i: (b, i)),
         pl.BlockSpec((None, S), lambda b, h, i: (b, 0))]
-    return pl.pallas_call(
+    return pallas_call(
         kernel,
         grid=(B, Hq, T // block_q),
         in_specs=[pl.BlockSpec((None, block_q, None, D), lambda b, h, i: (b, i, h, 0)),
@@ -204,7 +204,7 @@ def backward(q, k, v, q_seg, k_seg, out, lse, do, *, scale, causal, offset, kv_l
 
     q_seg_specs = [None, None] if not has_seg else [
         pl.BlockSpec((None, block_q), lambda b, h, i: (b, i)), pl.BlockSpec((None, S), lambda b, h, i: (b, 0))]
-    dq = pl.pallas_call(
+    dq = pallas_call(
         functools.partial(_dq_kernel, **common),
         grid=(B, Hq, T // block_q),
         in_specs=[pl.BlockSpec((None, block_q, None, D), lambda b, h, i: (b, i, h, 0)),
@@ -223,7 +223,7 @@ def backward(q, k, v, q_seg, k_seg, out, lse, do, *, scale, causal, offset, kv_l
 
     kv_seg_specs = [None, None] if not has_seg else [
         pl.BlockSpec((None, T), lambda b, h, j: (b, 0)), pl.BlockSpec((None, block_k), lambda b, h, j: (b, j))]
-    dk, dv = pl.pallas_call(
+    dk, dv = pallas_call(
         functools.partial(_dkdv_kernel, group=G, **common),
         grid=(B, Hkv, S // block_k),
         in_specs=[pl.BlockSpec((None, T, Hq, D), lambda b, h, j: (b, 0, 0, 0)),
