@@ -33,6 +33,18 @@ def test_golden_greedy_ids_and_step_logits(chat_case):
     assert streamed == ref["greedy_ids"][0, ref["prompt_ids"].shape[1]:].tolist()
 
 
+def test_golden_generation_with_pallas_kernels(golden):
+    """Prefill through flash_attention, decode through decode_attention (interpret mode)."""
+    path = golden("tiny_chat_realvocab")
+    ref = np.load(path / "golden.npz")
+    model = InternLM2ForCausalLM.from_pretrained(str(path), dtype="float32", param_dtype="float32",
+                                                 attention_impl="pallas")
+    out = model.generate(ref["prompt_ids"], max_new_tokens=12, return_dict_in_generate=True,
+                         output_logits=True)
+    np.testing.assert_array_equal(out["sequences"], ref["greedy_ids"])
+    assert np.abs(out["logits"][0] - ref["step_logits"]).max() <= 1e-4
+
+
 def test_golden_chat_and_stream_chat(chat_case):
     model, tok, ref, case = chat_case
     ids, eos = model._chat_inputs(tok, case["query"], case["history"], case["meta_instruction"])

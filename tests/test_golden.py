@@ -24,18 +24,23 @@ def converted(golden, tmp_path_factory):
     return get
 
 
-def load(golden, converted, case, source, scan):
+def load(golden, converted, case, source, scan, impl="xla"):
     path = str(golden(case)) if source == "hf" else converted(case)
     return InternLM2ForCausalLM.from_pretrained(path, dtype="float32", param_dtype="float32",
-                                                scan_layers=scan)
+                                                scan_layers=scan, attention_impl=impl)
 
 
-@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
-@pytest.mark.parametrize("source", ["hf", "converted"])
+# The Pallas kernels run in interpret mode here (CPU); the XLA path covers both sources.
+COMBOS = [("hf", False, "xla"), ("hf", True, "xla"), ("converted", False, "xla"), ("converted", True, "xla"),
+          ("hf", False, "pallas"), ("converted", True, "pallas")]
+
+
+@pytest.mark.parametrize("source, scan, impl", COMBOS,
+                         ids=[f"{s}-{'scanned' if sc else 'unrolled'}-{i}" for s, sc, i in COMBOS])
 @pytest.mark.parametrize("case", FORWARD_CASES)
-def test_forward_matches_golden(golden, converted, case, source, scan):
+def test_forward_matches_golden(golden, converted, case, source, scan, impl):
     ref = np.load(golden(case) / "golden.npz")
-    model = load(golden, converted, case, source, scan)
+    model = load(golden, converted, case, source, scan, impl)
     logits = np.asarray(model(ref["input_ids"], ref["attention_mask"], ref["position_ids"]))
     valid = ref["attention_mask"].astype(bool)
     assert logits.shape == ref["logits"].shape
@@ -45,13 +50,13 @@ def test_forward_matches_golden(golden, converted, case, source, scan):
     assert np.abs(derived - ref["logits"])[valid].max() <= TOL
 
 
-@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
-@pytest.mark.parametrize("source", ["hf", "converted"])
-def test_realvocab_sharded_bf16_weights_match_step_logits(golden, converted, source, scan):
+@pytest.mark.parametrize("source, scan, impl", COMBOS,
+                         ids=[f"{s}-{'scanned' if sc else 'unrolled'}-{i}" for s, sc, i in COMBOS])
+def test_realvocab_sharded_bf16_weights_match_step_logits(golden, converted, source, scan, impl):
     """bf16 weights in two shards with an index, computed in float32."""
     case = "tiny_chat_realvocab"
     ref = np.load(golden(case) / "golden.npz")
-    model = load(golden, converted, case, source, scan)
+    model = load(golden, converted, case, source, scan, impl)
     ids = ref["greedy_ids"]
     prompt = ref["prompt_ids"].shape[1]
     logits = np.asarray(model(ids))[0]

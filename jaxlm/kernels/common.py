@@ -51,9 +51,17 @@ def default_backend() -> str:
     return jax.default_backend()
 
 
+def kernel_head_dim(head_dim: int) -> int:
+    """The tiled head dim: 64, 128 or 256 (smaller heads are zero-padded to 64)."""
+    for d in HEAD_DIMS:
+        if head_dim <= d:
+            return d
+    raise ValueError(f"head_dim: {head_dim} is not supported; the kernels take up to {HEAD_DIMS[-1]}")
+
+
 def block_sizes_for(kind: str, head_dim: int, override: BlockSizes | dict | None = None) -> BlockSizes:
     if head_dim not in HEAD_DIMS:
-        raise ValueError(f"head_dim: {head_dim} is not supported; expected one of {HEAD_DIMS}")
+        raise ValueError(f"head_dim: {head_dim} is not a kernel head dim; expected one of {HEAD_DIMS}")
     sizes = BLOCK_TABLE[(kind, head_dim)]
     if override is None:
         return sizes

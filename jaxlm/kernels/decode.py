@@ -25,8 +25,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxlm.kernels.common import (MASK_VALUE, block_sizes_for, dot_precision, merge_splits, pad_axis,
-                                  pallas_call, round_up)
+from jaxlm.kernels.common import (MASK_VALUE, block_sizes_for, dot_precision, kernel_head_dim, merge_splits,
+                                  pad_axis, pallas_call, round_up)
 
 
 def decode_attention(q, k_cache, v_cache, lengths, *, sm_scale: float | None = None, block_k: int | None = None,
@@ -48,10 +48,16 @@ def decode_attention(q, k_cache, v_cache, lengths, *, sm_scale: float | None = N
     from jaxlm.kernels.flash import _kind
 
     family, interpret = _kind(interpret, backend)
-    sizes = block_sizes_for(family, D)
+    Dk = kernel_head_dim(D)  # zero-padded head dims leave scores and outputs unchanged
+    sizes = block_sizes_for(family, Dk)
     bk = block_k or sizes.decode_block_k
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
     lengths = lengths.astype(jnp.int32)
+    if Dk != D:
+        out = decode_attention(pad_axis(q, 2, Dk), pad_axis(k_cache, 3, Dk), pad_axis(v_cache, 3, Dk), lengths,
+                               sm_scale=scale, block_k=block_k, split=split, interpret=interpret,
+                               backend=backend)
+        return out[..., :D]
     if family == "tpu":
         bk = min(round_up(bk, 128), round_up(S, 128))
         split = max(bk, round_up(split or sizes.decode_split, bk))

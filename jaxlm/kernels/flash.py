@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.kernels import flash_gpu, flash_tpu
-from jaxlm.kernels.common import (BlockSizes, block_sizes_for, check_inputs, default_backend, pad_axis,
-                                  round_up)
+from jaxlm.kernels.common import (BlockSizes, block_sizes_for, check_inputs, default_backend, kernel_head_dim,
+                                  pad_axis, round_up)
 
 
 def _kind(interpret, backend=None) -> tuple[str, object]:
@@ -45,6 +45,7 @@ def flash_attention(q, k, v, *, causal: bool = True, segment_ids=None, sm_scale:
     """Flash attention: ``q [B, T, Hq, D]``, ``k, v [B, S, Hkv, D]`` -> ``[B, T, Hq, D]``.
 
     GQA inside the kernel (query head ``i`` reads kv head ``i // (Hq / Hkv)``);
+    head dims 64, 128 and 256 are tiled as they are, smaller ones zero-padded to 64;
     causal allows ``T <= S`` aligned at the end (query ``i`` sees keys
     ``<= i + S - T``); ``segment_ids [B, T]`` (T == S) keeps attention inside
     packed examples. float32 or bfloat16 in, float32 accumulation. On CPU the
@@ -53,11 +54,13 @@ def flash_attention(q, k, v, *, causal: bool = True, segment_ids=None, sm_scale:
     """
     check_inputs(q, k, v, segment_ids, causal)
     family, interpret = _kind(interpret, backend)
-    sizes_kind = "tpu" if family == "tpu" else family
-    sizes = block_sizes_for(sizes_kind, q.shape[-1], block_sizes)
-    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    D = q.shape[-1]
+    Dk = kernel_head_dim(D)  # zero-padding the head dim leaves scores and outputs unchanged
+    sizes = block_sizes_for(family, Dk, block_sizes)
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
     seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
-    return _flash(q, k, v, seg, causal, float(scale), sizes, family, interpret)
+    q, k, v = (pad_axis(x, 3, Dk) for x in (q, k, v))
+    return _flash(q, k, v, seg, causal, float(scale), sizes, family, interpret)[..., :D]
 
 
 def _plan(T, S, sizes: BlockSizes, family: str, backward: bool):

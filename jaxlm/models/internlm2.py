@@ -16,7 +16,7 @@ from flax import nnx
 from jaxlm.config import InternLM2Config
 from jaxlm.generation.api import GenerationMixin
 from jaxlm.models.options import ModelOptions
-from jaxlm.nn.attention import AttentionMask, xla_attention, xla_decode_attention
+from jaxlm.nn.attention import AttentionMask, attend, attend_decode
 from jaxlm.nn.embed import Embed
 from jaxlm.nn.linear import Projection
 from jaxlm.nn.mlp import SwiGLU
@@ -45,6 +45,7 @@ class InternLM2Attention(nnx.Module):
         E, H, K, G, D = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
                          cfg.q_per_kv, cfg.head_dim)
         self.group = G
+        self.impl = opts.attention_impl
         kw = dict(init_std=cfg.initializer_range, dtype=opts.dtype, param_dtype=opts.param_dtype, rngs=rngs)
         # C indexes the slots of a kv group: queries 0..G-1, key G, value G+1.
         self.wqkv = Projection("BTE,KCDE->BTKCD", (K, G + 2, D, E), ("kv_heads", "qkv", "head_dim", "embed"),
@@ -64,10 +65,10 @@ class InternLM2Attention(nnx.Module):
         if kv_cache is not None:
             new_cache = _write_cache(kv_cache, k, v, write_slot)
             if T == 1:  # decoding: one query per row against the cache
-                out = xla_decode_attention(q.reshape(B, -1, q.shape[-1]), *new_cache, write_slot + 1)
+                out = attend_decode(q.reshape(B, -1, q.shape[-1]), *new_cache, write_slot + 1, self.impl)
                 return self.wo(out.reshape(B, 1, -1, out.shape[-1])), new_cache
             k, v = new_cache[0][:, :mask.kv_len], new_cache[1][:, :mask.kv_len]
-        out = xla_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)   # [B, T, K, G, D]
+        out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.impl)   # [B, T, K, G, D]
         out = out.reshape(B, T, -1, out.shape[-1])               # [B, T, H, D], head = k*G + g
         return self.wo(out), new_cache
 

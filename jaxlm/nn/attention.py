@@ -195,3 +195,60 @@ def xla_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, l
     probs = jax.nn.softmax(scores, axis=1)
     out = jnp.sum(probs[..., None] * v_cache[:, :, :, None, :].astype(jnp.float32), axis=1)  # [B, K, G, D]
     return out.reshape(B, Hq, D).astype(q.dtype)
+
+
+# ------------------------------------------------------------------- dispatch
+IMPLS = ("xla", "pallas", "cudnn")
+
+
+def resolve_impl(impl: str) -> str:
+    """'auto' -> Pallas on GPU/TPU, XLA elsewhere."""
+    if impl != "auto":
+        return impl
+    return "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
+
+
+def _flash_args(mask: AttentionMask, T: int):
+    """(causal, segment_ids) for the flash kernel, or None when the mask does not fit it."""
+    S = mask.kv_len
+    if not isinstance(mask.q_offset, int) or (mask.causal and mask.q_offset != S - T):
+        return None
+    seg = mask.q_segment
+    if mask.key_valid is not None:
+        if T != S:
+            return None
+        valid = mask.key_valid.astype(jnp.int32)
+        seg = valid if seg is None else jnp.where(valid > 0, seg, -1)
+    # key_lengths: keys past a row's length come after its valid queries, so a
+    # causal mask already hides them (padded queries produce ignored rows).
+    if mask.key_lengths is not None and not mask.causal:
+        return None
+    return mask.causal, seg
+
+
+def attend(q, k, v, mask: AttentionMask, impl: str = "xla"):
+    """``q [B,T,K,G,D]``, ``k/v [B,S,K,D]`` -> ``[B,T,K,G,D]`` with the chosen implementation."""
+    impl = resolve_impl(impl)
+    B, T, K, G, D = q.shape
+    args = None if impl == "xla" else _flash_args(mask, T)
+    if args is None:
+        return xla_attention(q, k, v, mask)
+    causal, seg = args
+    q4 = q.reshape(B, T, K * G, D)
+    if impl == "cudnn":
+        if seg is None and k.shape[1] == T:
+            out = jax.nn.dot_product_attention(q4, k, v, is_causal=causal, implementation="cudnn")
+            return out.reshape(B, T, K, G, D)
+        impl = "pallas"  # cuDNN's fused path takes no segment ids / offsets here
+    from jaxlm.kernels import flash_attention
+
+    return flash_attention(q4, k, v, causal=causal, segment_ids=seg).reshape(B, T, K, G, D)
+
+
+def attend_decode(q, k_cache, v_cache, lengths, impl: str = "xla"):
+    """One query per row against the cache; Pallas split-K kernel or XLA."""
+    if resolve_impl(impl) == "xla":
+        return xla_decode_attention(q, k_cache, v_cache, lengths)
+    from jaxlm.kernels import decode_attention
+
+    return decode_attention(q, k_cache, v_cache, lengths)
