@@ -135,8 +135,8 @@ def test_bad_shapes_are_clear_errors():
     k = jnp.zeros((1, 8, 2, 64))
     with pytest.raises(ValueError, match="multiple of kv heads"):
         flash_attention(q, k, k)
-    with pytest.raises(ValueError, match="head_dim: 96"):
-        flash_attention(jnp.zeros((1, 8, 2, 96)), jnp.zeros((1, 8, 2, 96)), jnp.zeros((1, 8, 2, 96)))
+    with pytest.raises(ValueError, match="head_dim: 320"):
+        flash_attention(jnp.zeros((1, 8, 2, 320)), jnp.zeros((1, 8, 2, 320)), jnp.zeros((1, 8, 2, 320)))
     with pytest.raises(ValueError, match="T <= S"):
         flash_attention(jnp.zeros((1, 9, 2, 64)), jnp.zeros((1, 8, 2, 64)), jnp.zeros((1, 8, 2, 64)))
     with pytest.raises(ValueError, match="lengths"):
