@@ -20,6 +20,7 @@ COMMANDS = {
     "generate": ("jaxlm.commands.generate", "complete one prompt (for scripts)"),
     "chat": ("jaxlm.commands.chat", "interactive streaming chat"),
     "plan": ("jaxlm.commands.plan", "bytes per device of a run, and whether it fits"),
+    "train": ("jaxlm.commands.train", "fine-tune (full or LoRA) from an experiment config; resumes"),
 }
 
 

@@ -48,13 +48,7 @@ def hf_to_jaxlm(src: str, dst: str, *, dtype: str | None = None, overwrite: bool
     return {"dst": dst, "bytes": nbytes, "dtype": out_dtype, "copied": copied}
 
 
-def jaxlm_to_hf(src: str, dst: str, *, max_shard_size: str | int = "5GB", overwrite: bool = False,
-                progress: bool | None = None) -> dict:
-    """Converts a jaxlm checkpoint into an HF directory (safetensors) at ``dst``."""
-    from tqdm.auto import tqdm
-
-    max_bytes = parse_size(max_shard_size, "--max-shard-size")
-    check_destination(dst, overwrite)
+def _check_jaxlm_source(src: str):
     if not jaxlm_format.is_jaxlm_checkpoint(src):
         raise CheckpointError(f"{src}: not a jaxlm checkpoint (no {jaxlm_format.MARKER})")
     config = InternLM2Config.from_pretrained(src)
@@ -71,17 +65,52 @@ def jaxlm_to_hf(src: str, dst: str, *, max_shard_size: str | int = "5GB", overwr
                                   f"implies {entry.rule.jaxlm_shape(config)}")
         if dtype.name not in SUPPORTED_DTYPES:
             raise CheckpointError(f"{src}: parameter {name!r} has unsupported dtype {dtype}")
+    total = sum(int(np.prod(s)) * d.itemsize for s, d in stored.values())
+    return config, marker["param_dtype"], entries, total
+
+
+def iter_hf_tensors(src: str):
+    """(config, dtype name, total bytes, iterator of (hf name, array)) for an HF or jaxlm directory.
+
+    Streams one tensor at a time, in HF names and layout, whatever the source.
+    """
+    if jaxlm_format.is_jaxlm_checkpoint(src):
+        config, dtype, entries, total = _check_jaxlm_source(src)
+        arrays = jaxlm_format.iter_arrays(src, [e.jaxlm_name for e in entries])
+        stream = ((e.hf_name, e.rule.to_hf(a, config)) for e, (_, a) in zip(entries, arrays))
+        return config, dtype, total, len(entries), stream
+    config = InternLM2Config.from_pretrained(src)
+    reader = HFCheckpoint(src, config)
+    entries = reader.validate()
+    return (config, reader.checkpoint_dtype(), reader.total_bytes(), len(entries),
+            ((e.hf_name, reader.read(e.hf_name)) for e in entries))
+
+
+def write_hf(src: str, dst: str, *, max_shard_size="5GB", overwrite=False, progress=None, transform=None) -> dict:
+    """Streams ``src`` (HF or jaxlm) into HF safetensors at ``dst``; ``transform(name, array)``
+    may rewrite each tensor (e.g. merging a LoRA adapter)."""
+    from tqdm.auto import tqdm
+
+    max_bytes = parse_size(max_shard_size, "--max-shard-size")
+    check_destination(dst, overwrite)
+    config, dtype, total, count, stream = iter_hf_tensors(src)
     if progress is None:
-        progress = sum(int(np.prod(s)) * d.itemsize for s, d in stored.values()) > (1 << 30)
+        progress = total > (1 << 30)
     with atomic_output_dir(dst, overwrite) as tmp:
         writer = ShardedSafetensorsWriter(tmp, max_bytes)
-        names = [e.jaxlm_name for e in entries]
-        arrays = jaxlm_format.iter_arrays(src, names)
-        for entry, (_, array) in tqdm(zip(entries, arrays), total=len(entries), disable=not progress,
-                                      desc="writing safetensors", unit="tensor"):
-            writer.add(entry.hf_name, entry.rule.to_hf(array, config))
+        for name, array in tqdm(stream, total=count, disable=not progress, desc="writing safetensors",
+                                unit="tensor"):
+            writer.add(name, array if transform is None else transform(name, array))
         files = writer.finish()
-        out_config = config.replace(extra={**config.extra, "torch_dtype": marker["param_dtype"]})
-        out_config.to_json_file(os.path.join(tmp, "config.json"))
+        config.replace(extra={**config.extra, "torch_dtype": dtype}).to_json_file(os.path.join(tmp, "config.json"))
         copied = copy_if_present(src, tmp, SIDECAR_FILES)
     return {"dst": dst, "bytes": writer.total_bytes, "files": files, "copied": copied}
+
+
+def jaxlm_to_hf(src: str, dst: str, *, max_shard_size: str | int = "5GB", overwrite: bool = False,
+                progress: bool | None = None) -> dict:
+    """Converts a jaxlm checkpoint into an HF directory (safetensors) at ``dst``."""
+    parse_size(max_shard_size, "--max-shard-size")
+    check_destination(dst, overwrite)
+    _check_jaxlm_source(src)
+    return write_hf(src, dst, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress)

@@ -53,9 +53,10 @@ class InternLM2Attention(nnx.Module):
         self.wo = Projection("BTHD,EHD->BTE", (E, H, D), ("embed", "heads", "head_dim"), in_dims=2,
                              bias=cfg.bias, **kw)
 
-    def __call__(self, x, cos, sin, mask, kv_cache=None, write_slot=None):
+    def __call__(self, x, cos, sin, mask, kv_cache=None, write_slot=None, dropout_key=None):
         G = self.group
-        qkv = self.wqkv(x)                                        # [B, T, K, G+2, D]
+        k_qkv, k_wo = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+        qkv = self.wqkv(x, k_qkv)                                 # [B, T, K, G+2, D]
         q = apply_rope(qkv[:, :, :, :G], cos, sin)                # [B, T, K, G, D]
         k = apply_rope(qkv[:, :, :, G], cos, sin)                 # [B, T, K, D]
         v = qkv[:, :, :, G + 1]                                   # [B, T, K, D]
@@ -70,7 +71,7 @@ class InternLM2Attention(nnx.Module):
             k, v = new_cache[0][:, :mask.kv_len], new_cache[1][:, :mask.kv_len]
         out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.impl)   # [B, T, K, G, D]
         out = out.reshape(B, T, -1, out.shape[-1])               # [B, T, H, D], head = k*G + g
-        return self.wo(out), new_cache
+        return self.wo(out, k_wo), new_cache
 
 
 def _write_cache(kv_cache, k, v, write_slot):
@@ -93,10 +94,11 @@ class InternLM2DecoderLayer(nnx.Module):
         self.feed_forward = SwiGLU(cfg.hidden_size, cfg.intermediate_size, init_std=cfg.initializer_range,
                                    dtype=opts.dtype, param_dtype=opts.param_dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, kv_cache=None, write_slot=None):
-        h, new_cache = self.attention(self.attention_norm(x), cos, sin, mask, kv_cache, write_slot)
+    def __call__(self, x, cos, sin, mask, kv_cache=None, write_slot=None, dropout_key=None):
+        k_att, k_mlp = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+        h, new_cache = self.attention(self.attention_norm(x), cos, sin, mask, kv_cache, write_slot, k_att)
         x = constrain(x + h, ACT)
-        x = constrain(x + self.feed_forward(self.ffn_norm(x)), ACT)
+        x = constrain(x + self.feed_forward(self.ffn_norm(x), k_mlp), ACT)
         return x, new_cache
 
 
@@ -106,6 +108,7 @@ class InternLM2Model(nnx.Module):
     def __init__(self, cfg: InternLM2Config, opts: ModelOptions, *, rngs: nnx.Rngs):
         self.rope = rope_config(cfg)
         self.options = opts
+        self.num_layers = cfg.num_hidden_layers
         kw = dict(dtype=opts.dtype, param_dtype=opts.param_dtype, rngs=rngs)
         self.tok_embeddings = Embed(cfg.vocab_size, cfg.hidden_size, init_std=cfg.initializer_range, **kw)
         make = lambda r: InternLM2DecoderLayer(cfg, opts, rngs=r)
@@ -115,11 +118,13 @@ class InternLM2Model(nnx.Module):
             self.layers = nnx.List([make(rngs) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
 
-    def __call__(self, input_ids, positions, mask, *, rope_len=None, kv_caches=None, write_slot=None):
+    def __call__(self, input_ids, positions, mask, *, rope_len=None, kv_caches=None, write_slot=None,
+                 dropout_key=None):
         """Hidden states ``[B, T, E]`` (and updated caches when ``kv_caches`` is given).
 
         ``rope_len`` is the sequence length L that fixes the dynamic-NTK base;
         by default ``max(positions) + 1`` of this call, as in the reference.
+        ``dropout_key`` turns on LoRA dropout (one key per layer, split from it).
         """
         if rope_len is None:
             rope_len = jnp.max(positions) + 1
@@ -127,11 +132,20 @@ class InternLM2Model(nnx.Module):
         cos, sin = rope_cos_sin(positions, self.rope, base, self.options.dtype)
         x = constrain(self.tok_embeddings(input_ids), ACT)
 
-        def layer_fn(layer, h, cache):
-            return layer(h, cos, sin, mask, cache, write_slot)
+        def layer_fn(layer, h, extra):
+            return layer(h, cos, sin, mask, extra["cache"], write_slot, extra["key"])
 
-        x, new_caches = run_layers(self.layers, x, layer_fn, kv_caches,
+        L = self.num_layers
+        keys = None if dropout_key is None else jax.random.split(dropout_key, L)
+        if self.options.scan_layers:
+            per_layer = {"cache": kv_caches, "key": keys}
+        else:
+            per_layer = [{"cache": None if kv_caches is None else kv_caches[i],
+                          "key": None if keys is None else keys[i]} for i in range(L)]
+        x, new_caches = run_layers(self.layers, x, layer_fn, per_layer,
                                    scanned=self.options.scan_layers, remat=self.options.remat)
+        if kv_caches is None:
+            new_caches = None
         return self.norm(x), new_caches
 
 
@@ -169,7 +183,8 @@ class InternLM2ForCausalLM(GenerationMixin, nnx.Module):
         """
         return self.logits(self.hidden_states(input_ids, attention_mask, position_ids, segment_ids))
 
-    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None):
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None,
+                      dropout_key=None):
         """Final-norm hidden states ``[B, T, E]`` (what `forward` feeds the output head)."""
         input_ids = jnp.asarray(input_ids)
         B, T = input_ids.shape
@@ -179,7 +194,7 @@ class InternLM2ForCausalLM(GenerationMixin, nnx.Module):
             else:
                 position_ids = jnp.broadcast_to(jnp.arange(T), (B, T))
         mask = attention_mask_for(T, attention_mask, segment_ids)
-        hidden, _ = self.model(input_ids, jnp.asarray(position_ids, jnp.int32), mask)
+        hidden, _ = self.model(input_ids, jnp.asarray(position_ids, jnp.int32), mask, dropout_key=dropout_key)
         return hidden
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None):

@@ -43,14 +43,56 @@ class Projection(nnx.Module):
         out_shape, out_axes = tuple(kernel_shape[:-in_dims]), tuple(kernel_axes[:-in_dims])
         self.bias = logical_param(rngs, zeros, out_shape, out_axes, param_dtype) if bias else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    lora_a = None  # set by `add_lora`
+    lora_b = None
+
+    def add_lora(self, rank: int, alpha: float, dropout: float, rngs: nnx.Rngs) -> None:
+        """Adds trainable low-rank factors: ``y += (alpha / rank) * B(A(dropout(x)))``.
+
+        ``lora_a [r, *in]`` starts random, ``lora_b [*out, r]`` at zero (so the
+        model is unchanged until trained), as PEFT does. A stacked (scanned)
+        projection gets stacked factors.
+        """
+        from jaxlm.nn.params import logical_axes
+
+        axes = logical_axes(self.kernel)
+        shape = self.kernel[...].shape
+        lead = 1 if axes and axes[0] == "layers" else 0
+        n = self.in_dims
+        in_shape, out_shape = shape[len(shape) - n:], shape[lead: len(shape) - n]
+        in_axes, out_axes = axes[len(shape) - n:], axes[lead: len(shape) - n]
+        stack, stack_axes = shape[:lead], axes[:lead]
+        bound = 1.0 / math.sqrt(math.prod(in_shape))  # PEFT: kaiming_uniform(a=sqrt(5)) on [r, in]
+        a = jax.random.uniform(rngs.params(), stack + (rank,) + tuple(in_shape), jnp.float32, -bound, bound)
+        self.lora_a = nnx.LoRAParam(a, logical_axes=stack_axes + ("lora",) + tuple(in_axes))
+        self.lora_b = nnx.LoRAParam(jnp.zeros(stack + tuple(out_shape) + (rank,), jnp.float32),
+                                    logical_axes=stack_axes + tuple(out_axes) + ("lora",))
+        self.lora_scale = alpha / rank
+        self.lora_dropout = dropout
+
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
         kernel = self.kernel[...].astype(self.dtype)
         n = self.in_dims
         out_shape, in_size = kernel.shape[:-n], math.prod(kernel.shape[-n:])
         lead = x.shape[: x.ndim - n]
         x2 = x.astype(self.dtype).reshape(math.prod(lead), in_size)
         w2 = kernel.reshape(math.prod(out_shape), in_size)
-        y = jax.lax.dot_general(x2, w2, (((1,), (1,)), ((), ()))).reshape(lead + tuple(out_shape))
+        y = jax.lax.dot_general(x2, w2, (((1,), (1,)), ((), ())))
+        if self.lora_a is not None:
+            y = y + self._lora(x2, dropout_key).astype(y.dtype)
+        y = y.reshape(lead + tuple(out_shape))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
+
+    def _lora(self, x2, dropout_key):
+        a = self.lora_a[...]
+        b = self.lora_b[...]
+        rank = a.shape[0]
+        a2, b2 = a.reshape(rank, -1), b.reshape(-1, rank)
+        h = x2.astype(jnp.float32)
+        if dropout_key is not None and self.lora_dropout > 0:
+            keep = jax.random.bernoulli(dropout_key, 1.0 - self.lora_dropout, h.shape)
+            h = jnp.where(keep, h / (1.0 - self.lora_dropout), 0.0)
+        dn = (((1,), (1,)), ((), ()))
+        return self.lora_scale * jax.lax.dot_general(jax.lax.dot_general(h, a2, dn), b2, dn)

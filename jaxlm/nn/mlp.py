@@ -15,5 +15,6 @@ class SwiGLU(nnx.Module):
         self.w3 = Projection("BTE,ME->BTM", (hidden, embed), ("mlp", "embed"), **kw)  # up
         self.w2 = Projection("BTM,EM->BTE", (embed, hidden), ("embed", "mlp"), **kw)  # down
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.w2(jax.nn.silu(self.w1(x)) * self.w3(x))
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        k1, k3, k2 = (None,) * 3 if dropout_key is None else jax.random.split(dropout_key, 3)
+        return self.w2(jax.nn.silu(self.w1(x, k1)) * self.w3(x, k3), k2)

@@ -69,4 +69,4 @@ def run_layers(layers, x, layer_fn: Callable[[nnx.Module, Any, Any], tuple[Any, 
             x, out = _maybe_remat(lambda s, h, e: layer_fn(nnx.merge(graphdef, s), h, e), remat, False)(
                 state, x, extra)
         outs.append(out)
-    return x, (None if per_layer is None and all(o is None for o in outs) else outs)
+    return x, (None if all(o is None for o in outs) else outs)

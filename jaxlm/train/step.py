@@ -89,14 +89,14 @@ def chunked_loss_sum(model, hidden, targets, weights, chunk: int = LOSS_CHUNK):
     return total
 
 
-def batch_loss_sum(model, batch) -> tuple[jax.Array, jax.Array]:
+def batch_loss_sum(model, batch, dropout_key=None) -> tuple[jax.Array, jax.Array]:
     """(sum of weighted token losses, sum of weights) for one (micro-)batch.
 
     ``batch``: input_ids, targets, loss_weights ``[B, T]``; optional
     position_ids and segment_ids for packed rows.
     """
     hidden = model.hidden_states(batch["input_ids"], position_ids=batch.get("position_ids"),
-                                 segment_ids=batch.get("segment_ids"))
+                                 segment_ids=batch.get("segment_ids"), dropout_key=dropout_key)
     weights = batch["loss_weights"].astype(jnp.float32)
     return chunked_loss_sum(model, hidden, batch["targets"], weights), jnp.sum(weights)
 
@@ -106,31 +106,35 @@ def split_micro(batch: dict, micro_batches: int) -> dict:
     return jax.tree.map(lambda x: x.reshape((micro_batches, x.shape[0] // micro_batches) + x.shape[1:]), batch)
 
 
-def loss_and_grads(graphdef, trainable, frozen, batch, micro_batches: int = 1):
+def loss_and_grads(graphdef, trainable, frozen, batch, micro_batches: int = 1, dropout_key=None):
     """Mean loss over the target tokens of ``batch`` and its gradient w.r.t. ``trainable``."""
 
-    def sum_loss(params, micro):
-        return batch_loss_sum(nnx.merge(graphdef, params, frozen), micro)
+    def sum_loss(params, micro, key):
+        return batch_loss_sum(nnx.merge(graphdef, params, frozen), micro, key)
 
     grad_fn = jax.value_and_grad(sum_loss, has_aux=True)
     if micro_batches == 1:
-        (total, count), grads = grad_fn(trainable, batch)
+        (total, count), grads = grad_fn(trainable, batch, dropout_key)
     else:
-        def body(acc, micro):
-            (loss, count), grads = grad_fn(trainable, micro)
+        keys = None if dropout_key is None else jax.random.split(dropout_key, micro_batches)
+
+        def body(acc, xs):
+            micro, key = xs
+            (loss, count), grads = grad_fn(trainable, micro, key)
             return jax.tree.map(jnp.add, acc, (loss, count, grads)), None
 
         zeros = (jnp.float32(0), jnp.float32(0), jax.tree.map(jnp.zeros_like, trainable))
-        (total, count, grads), _ = jax.lax.scan(body, zeros, split_micro(batch, micro_batches))
+        (total, count, grads), _ = jax.lax.scan(body, zeros, (split_micro(batch, micro_batches), keys))
     count = jnp.maximum(count, 1.0)
     return total / count, jax.tree.map(lambda g: g / count, grads), count
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "optimizer", "micro_batches"),
                    donate_argnames=("trainable", "opt_state"))
-def train_step(graphdef, trainable, frozen, opt_state, batch, *, optimizer, micro_batches: int = 1):
+def train_step(graphdef, trainable, frozen, opt_state, batch, *, optimizer, micro_batches: int = 1,
+               dropout_key=None):
     """One optimizer step; returns (trainable, opt_state, metrics). State is donated."""
-    loss, grads, count = loss_and_grads(graphdef, trainable, frozen, batch, micro_batches)
+    loss, grads, count = loss_and_grads(graphdef, trainable, frozen, batch, micro_batches, dropout_key)
     updates, opt_state = optimizer.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": count}
