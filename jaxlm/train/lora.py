@@ -150,3 +150,36 @@ def trainable_filter(lora: LoRAConfig):
 def lora_param_count(model) -> int:
     return sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
 
+
+
+def load_adapter(model, path: str) -> LoRAConfig:
+    """Attaches a PEFT-layout adapter directory to ``model`` (adding LoRA factors as needed)."""
+    from safetensors.numpy import load_file
+
+    from jaxlm.errors import CheckpointError
+
+    config, _ = read_adapter(path)
+    cfg = LoRAConfig(enabled=True, rank=int(config["r"]), alpha=float(config["lora_alpha"]), dropout=0.0,
+                     targets=tuple(config["target_modules"]))
+    tensors = load_file(os.path.join(path, ADAPTER_WEIGHTS))
+    stacked = model.options.scan_layers
+    for i, (_, projections) in enumerate(target_projections(model)):
+        for name in cfg.targets:
+            proj = projections[name]
+            if proj.lora_a is None:
+                proj.add_lora(cfg.rank, cfg.alpha, 0.0, nnx.Rngs(0))
+            a_shape, b_shape = proj.lora_a[...].shape, proj.lora_b[...].shape
+            layers = range(a_shape[0]) if stacked else [i]
+            a_parts, b_parts = [], []
+            for layer in layers:
+                key = f"base_model.model.{_hf_module(layer, name)}"
+                if f"{key}.lora_A.weight" not in tensors:
+                    raise CheckpointError(f"{path}: adapter has no {key}.lora_A.weight")
+                a_parts.append(tensors[f"{key}.lora_A.weight"])
+                b_parts.append(tensors[f"{key}.lora_B.weight"])
+            a = np.stack(a_parts) if stacked else a_parts[0]
+            b = np.stack(b_parts) if stacked else b_parts[0]
+            proj.lora_a.set_value(jax.numpy.asarray(a.reshape(a_shape), jax.numpy.float32))
+            proj.lora_b.set_value(jax.numpy.asarray(b.reshape(b_shape), jax.numpy.float32))
+            proj.lora_scale = cfg.alpha / cfg.rank
+    return cfg
