@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlm.generation.chunked import run_chunks
 from jaxlm.generation.sampling import SamplerFlags, select_tokens
 from jaxlm.nn.attention import AttentionMask
 from jaxlm.sharding import constrain
@@ -55,9 +56,9 @@ def _last_logits(model, hidden, lengths):
     return model.logits(last)[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "cache_dtype", "num_new", "flags"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "cache_dtype", "num_new", "flags", "chunk"))
 def prefill(graphdef, state, ids, lengths, rope_len, seen_init, pad_id, done_init, *, cache_len,
-            cache_dtype, num_new, flags):
+            cache_dtype, num_new, flags, chunk=None):
     """Runs the aligned prompts ``ids [B, T]`` and returns the decode carry.
 
     The cache holds ``cache_len`` slots; ``num_new`` is the (bucketed) size of
@@ -69,11 +70,26 @@ def prefill(graphdef, state, ids, lengths, rope_len, seen_init, pad_id, done_ini
     B, T = ids.shape
     caches = init_caches(model, B, cache_len, cache_dtype)
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    # Queries read only the T prompt slots of the cache.
-    mask = AttentionMask(T, True, 0, key_lengths=lengths)
-    hidden, caches = model.model(ids, positions, mask, rope_len=rope_len, kv_caches=caches,
-                                 write_slot=jnp.zeros((B,), jnp.int32))
-    return dict(caches=caches, logits=_last_logits(model, hidden, lengths), lengths=lengths,
+    if chunk:  # the prompt in chunks through the cache: memory ~ chunk x context
+        last = lengths - 1
+
+        def collect(c, hidden, out):
+            at = last - c * chunk
+            here = (at >= 0) & (at < chunk)
+            picked = jnp.take_along_axis(hidden, jnp.clip(at, 0, chunk - 1)[:, None, None], axis=1)[:, 0]
+            return jnp.where(here[:, None], picked, out)
+
+        caches, last_hidden = run_chunks(model, ids, positions, caches, chunk=chunk, rope_len=rope_len,
+                                         collect=collect, init=jnp.zeros((B, model.config.hidden_size),
+                                                                         model.options.dtype))
+        logits = model.logits(last_hidden[:, None])[:, 0]
+    else:
+        # Queries read only the T prompt slots of the cache.
+        mask = AttentionMask(T, True, 0, key_lengths=lengths)
+        hidden, caches = model.model(ids, positions, mask, rope_len=rope_len, kv_caches=caches,
+                                     write_slot=jnp.zeros((B,), jnp.int32))
+        logits = _last_logits(model, hidden, lengths)
+    return dict(caches=caches, logits=logits, lengths=lengths,
                 seen=seen_init if flags.repetition_penalty else None,
                 tokens=jnp.full((B, num_new), pad_id, jnp.int32), done=done_init,
                 step=jnp.int32(0), token=jnp.zeros((B,), jnp.int32),

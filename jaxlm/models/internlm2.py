@@ -174,42 +174,68 @@ class InternLM2ForCausalLM(GenerationMixin, nnx.Module):
             out = self.output(hidden)
         return constrain(out, ("batch", "length", "act_vocab")).astype(jnp.float32)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None, chunk_size=None):
         """Traceable full-sequence forward: logits ``[B, T, V]`` in float32.
 
         With ``attention_mask`` and no ``position_ids``, positions are
         ``cumsum(mask) - 1`` clamped at 0 (HF's left-padding rule). With
         ``segment_ids`` (packed rows) attention stays inside each segment.
+        With ``chunk_size`` the sequence goes through a KV cache that many
+        tokens at a time (memory ~ chunk x context); the logits are the same.
         """
+        if chunk_size:
+            return self._chunked_logits(input_ids, attention_mask, position_ids, segment_ids, chunk_size)
         return self.logits(self.hidden_states(input_ids, attention_mask, position_ids, segment_ids))
 
-    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None,
-                      dropout_key=None):
-        """Final-norm hidden states ``[B, T, E]`` (what `forward` feeds the output head)."""
-        input_ids = jnp.asarray(input_ids)
+    def _positions(self, input_ids, attention_mask, position_ids):
         B, T = input_ids.shape
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
             else:
                 position_ids = jnp.broadcast_to(jnp.arange(T), (B, T))
+        return jnp.asarray(position_ids, jnp.int32)
+
+    def _chunked_logits(self, input_ids, attention_mask, position_ids, segment_ids, chunk):
+        from jaxlm.generation.chunked import run_chunks
+        from jaxlm.generation.engine import init_caches
+
+        input_ids = jnp.asarray(input_ids)
+        B, T = input_ids.shape
+        positions = self._positions(input_ids, attention_mask, position_ids)
+        n = -(-T // chunk)
+        caches = init_caches(self, B, n * chunk, jnp.dtype(self.options.dtype))
+        logits0 = jnp.zeros((n, B, chunk, self.config.vocab_size), jnp.float32)
+        collect = lambda c, hidden, out: out.at[c].set(self.logits(hidden))
+        key_valid = None if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+        _, logits = run_chunks(self, input_ids, positions, caches, chunk=chunk, rope_len=jnp.max(positions) + 1,
+                               collect=collect, init=logits0, key_valid=key_valid,
+                               segment_ids=None if segment_ids is None else jnp.asarray(segment_ids))
+        return jnp.moveaxis(logits, 0, 1).reshape(B, n * chunk, -1)[:, :T]
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None,
+                      dropout_key=None):
+        """Final-norm hidden states ``[B, T, E]`` (what `forward` feeds the output head)."""
+        input_ids = jnp.asarray(input_ids)
+        T = input_ids.shape[1]
+        positions = self._positions(input_ids, attention_mask, position_ids)
         mask = attention_mask_for(T, attention_mask, segment_ids)
-        hidden, _ = self.model(input_ids, jnp.asarray(position_ids, jnp.int32), mask, dropout_key=dropout_key)
+        hidden, _ = self.model(input_ids, positions, mask, dropout_key=dropout_key)
         return hidden
 
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None):
-        """``model(input_ids, attention_mask=None, position_ids=None)`` -> float32 logits.
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None, chunk_size=None):
+        """``model(input_ids, attention_mask=None, position_ids=None, chunk_size=None)`` -> float32 logits.
 
         Called with concrete arrays it runs a cached jitted forward; inside a
         user's own ``jit``/``grad`` it traces directly.
         """
         args = (input_ids, attention_mask, position_ids, segment_ids)
         if any(isinstance(a, jax.core.Tracer) for a in args):
-            return self.forward(*args)
+            return self.forward(*args, chunk_size=chunk_size)
         graphdef, state = nnx.split(self)
         mesh = model_mesh(self)
         if mesh is None:
-            return _jitted_forward(graphdef, state, *args)
+            return _jitted_forward(graphdef, state, *args, chunk_size=chunk_size)
         # On a mesh the batch is split over the data x fsdp axes; a batch that
         # does not divide evenly is padded here and the padding dropped below.
         rows = np.asarray(input_ids).shape[0]
@@ -219,7 +245,7 @@ class InternLM2ForCausalLM(GenerationMixin, nnx.Module):
                   jax.device_put(pad_rows(np.asarray(a), multiple, 1 if i == 1 else 0), batch_sharding)
                   for i, a in enumerate(args)]
         with jax.set_mesh(mesh):
-            return _jitted_forward(graphdef, state, *placed)[:rows]
+            return _jitted_forward(graphdef, state, *placed, chunk_size=chunk_size)[:rows]
 
 
 def attention_mask_for(T: int, attention_mask=None, segment_ids=None) -> AttentionMask:
@@ -231,9 +257,9 @@ def attention_mask_for(T: int, attention_mask=None, segment_ids=None) -> Attenti
 
 # Plain jax.jit over (graphdef, state): nnx.jit would return the module state as
 # outputs, i.e. copy every weight on every call.
-@functools.partial(jax.jit, static_argnames="graphdef")
-def _jitted_forward(graphdef, state, input_ids, attention_mask, position_ids, segment_ids):
-    return nnx.merge(graphdef, state).forward(input_ids, attention_mask, position_ids, segment_ids)
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size"))
+def _jitted_forward(graphdef, state, input_ids, attention_mask, position_ids, segment_ids, chunk_size=None):
+    return nnx.merge(graphdef, state).forward(input_ids, attention_mask, position_ids, segment_ids, chunk_size)
 
 
 def _from_pretrained(cls, path, *, dtype=None, param_dtype=None, mesh=None, scan_layers=False,

@@ -120,9 +120,11 @@ def blockwise_attention(q, k, v, mask: AttentionMask, sm_scale=None, q_block: in
     """Flash-style attention in XLA: query blocks x key blocks with an online softmax.
 
     Peak memory is one ``[B, H, q_block, k_block]`` score tile per step; each
-    query block is rematerialized in the backward pass. Every key block is
-    visited (a fixed trip count keeps it differentiable); masked tiles cost
-    compute, not memory.
+    query block is rematerialized in the backward pass. With a static query
+    offset (training, one-shot prefill) every key block is visited: a fixed
+    trip count keeps it differentiable. With a traced offset (chunked prefill
+    against a cache, inference only) a query block stops at its causal edge,
+    so a chunk costs O(chunk x its own context), not O(chunk x cache).
     """
     B, T, K, G, D = q.shape
     S = k.shape[1]
@@ -138,8 +140,8 @@ def blockwise_attention(q, k, v, mask: AttentionMask, sm_scale=None, q_block: in
         q_segment=_pad_to(mask.q_segment, nq * bq, -1), kv_segment=_pad_to(mask.kv_segment, nk * bk, -2))
     if pad_mask.key_valid is None and nk * bk != S:
         pad_mask = dataclasses.replace(pad_mask, key_valid=(jnp.arange(nk * bk) < S)[None, :])
+    dynamic_edge = mask.causal and not isinstance(mask.q_offset, int)
 
-    @jax.checkpoint
     def one_query_block(qi):
         qb = jax.lax.dynamic_slice_in_dim(q, qi * bq, bq, 1)                       # [B, bq, K, G, D]
         qh = qb.transpose(0, 2, 3, 1, 4).astype(jnp.float32)                       # [B, K, G, bq, D]
@@ -160,10 +162,17 @@ def blockwise_attention(q, k, v, mask: AttentionMask, sm_scale=None, q_block: in
 
         init = (jnp.full((B, K, G, bq), -jnp.inf, jnp.float32), jnp.zeros((B, K, G, bq), jnp.float32),
                 jnp.zeros((B, K, G, bq, D), jnp.float32))
-        (m, l, acc), _ = jax.lax.scan(key_step, init, jnp.arange(nk))
+        if dynamic_edge:
+            last_slot = jnp.max(jnp.asarray(mask.q_offset)) + (qi + 1) * bq - 1
+            needed = jnp.minimum(nk, last_slot // bk + 1)
+            m, l, acc = jax.lax.fori_loop(0, needed, lambda ki, c: key_step(c, ki)[0], init)
+        else:
+            (m, l, acc), _ = jax.lax.scan(key_step, init, jnp.arange(nk))
         out = acc / l[..., None]
         return out.transpose(0, 3, 1, 2, 4).astype(q.dtype)                       # [B, bq, K, G, D]
 
+    if not dynamic_edge:
+        one_query_block = jax.checkpoint(one_query_block)
     blocks = jax.lax.map(one_query_block, jnp.arange(nq))                          # [nq, B, bq, K, G, D]
     out = jnp.moveaxis(blocks, 0, 1).reshape(B, nq * bq, K, G, D)
     return out[:, :T]
