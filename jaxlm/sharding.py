@@ -194,6 +194,17 @@ def named_sharding(mesh, axes: Sequence[str | None], shape: Sequence[int] | None
     return NamedSharding(mesh, logical_to_spec(axes, mesh_sizes(mesh), shape=shape))
 
 
+def current_context_axis() -> str | None:
+    """The mesh axis the cache slots are split over, when the active mesh splits them."""
+    sizes = _active_mesh_axes()
+    target = dict(current_rules()).get("cache_length")
+    names = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+    for name in names:
+        if sizes.get(name, 1) > 1:
+            return name
+    return None
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """`with_sharding_constraint` by logical names; a no-op outside a mesh."""
     mesh_axes = _active_mesh_axes()

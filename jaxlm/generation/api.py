@@ -41,6 +41,7 @@ class _Plan:
     params: dict
     seen: np.ndarray | None
     chunk: int | None = None   # prefill chunk size
+    cache_dtype: object = None
 
 
 def _check_ids(input_ids, attention_mask, vocab_size):
@@ -84,7 +85,7 @@ class GenerationMixin:
 
     def _plan(self, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
               repetition_penalty, eos_token_id, pad_token_id, seed, output_logits=False,
-              prefill_chunk_size=None) -> _Plan:
+              prefill_chunk_size=None, kv_cache_dtype=None) -> _Plan:
         defaults = self._generation_defaults()
         ids, mask = _check_ids(input_ids, attention_mask, self.config.vocab_size)
         if max_new_tokens is None:
@@ -146,8 +147,11 @@ class GenerationMixin:
                 raise JaxlmError(f"prefill_chunk_size: must be >= 1, got {prefill_chunk_size!r}")
             chunk = min(int(prefill_chunk_size), T)
         prompt_slots = -(-T // chunk) * chunk if chunk else T
+        from jaxlm.models.options import check_cache_dtype
+
+        cache_dtype = check_cache_dtype(kv_cache_dtype) or self.options.kv_cache_dtype or self.options.dtype
         return _Plan(ids, rows, aligned, lengths, int(max_new_tokens), num_new, prompt_slots + num_new, flags,
-                     params, seen, chunk)
+                     params, seen, chunk, jnp.dtype(cache_dtype))
 
     def _prefill(self, plan: _Plan):
         graphdef, state = nnx.split(self)
@@ -159,14 +163,14 @@ class GenerationMixin:
         with _mesh_context(mesh):
             carry = engine.prefill(graphdef, state, inputs[0], inputs[1], plan.params["rope_len"],
                                    inputs[2], plan.params["pad_id"], plan.params["done_init"],
-                                   cache_len=plan.cache_len, cache_dtype=jnp.dtype(self.options.dtype),
+                                   cache_len=plan.cache_len, cache_dtype=plan.cache_dtype,
                                    num_new=plan.num_new, flags=plan.flags, chunk=plan.chunk)
         return graphdef, state, carry
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens=None, do_sample=False,
                  temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, eos_token_id=_DEFAULT,
                  pad_token_id=_DEFAULT, seed=0, streamer=None, output_logits=False,
-                 return_dict_in_generate=False, prefill_chunk_size=None):
+                 return_dict_in_generate=False, prefill_chunk_size=None, kv_cache_dtype=None):
         """HF-style generation: ``[batch, prompt + new]`` ids; stopped rows padded with pad_token_id.
 
         ``eos_token_id`` may be an int or a list; ``None`` disables stopping; by
@@ -178,7 +182,7 @@ class GenerationMixin:
         """
         plan = self._plan(input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k,
                           top_p, repetition_penalty, eos_token_id, pad_token_id, seed,
-                          output_logits and return_dict_in_generate, prefill_chunk_size)
+                          output_logits and return_dict_in_generate, prefill_chunk_size, kv_cache_dtype)
         if streamer is not None:
             streamer.put(plan.input_ids)
             new = [tok for tok in self._stream(plan, streamer)]
@@ -201,11 +205,11 @@ class GenerationMixin:
     def stream_generate(self, input_ids, attention_mask=None, max_new_tokens=None, do_sample=False,
                         temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
                         eos_token_id=_DEFAULT, pad_token_id=_DEFAULT, seed=0,
-                        prefill_chunk_size=None) -> Iterator[np.ndarray]:
+                        prefill_chunk_size=None, kv_cache_dtype=None) -> Iterator[np.ndarray]:
         """Yields the new token of every row (``[batch]`` ids) as soon as it is chosen."""
         plan = self._plan(input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k,
                           top_p, repetition_penalty, eos_token_id, pad_token_id, seed,
-                          prefill_chunk_size=prefill_chunk_size)
+                          prefill_chunk_size=prefill_chunk_size, kv_cache_dtype=kv_cache_dtype)
         yield from self._stream(plan)
 
     def _stream(self, plan: _Plan, streamer=None):

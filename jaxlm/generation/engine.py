@@ -22,8 +22,8 @@ from flax import nnx
 
 from jaxlm.generation.chunked import run_chunks
 from jaxlm.generation.sampling import SamplerFlags, select_tokens
+from jaxlm.nn import kv_cache
 from jaxlm.nn.attention import AttentionMask
-from jaxlm.sharding import constrain
 
 COMPILES: collections.Counter = collections.Counter()
 
@@ -36,18 +36,14 @@ def bucket(n: int, minimum: int = 16) -> int:
     return -(-n // 4096) * 4096
 
 
-CACHE_AXES = ("batch", "cache_length", "act_kv_heads", None)
-
-
 def init_caches(model, batch: int, length: int, dtype):
-    """Per-layer (k, v) caches ``[B, S, K, D]`` (stacked ``[L, ...]`` for scanned layers)."""
+    """Per-layer caches (see `jaxlm.nn.kv_cache`): a list for unrolled layers, one
+    stacked ``[L, ...]`` tuple for scanned ones."""
     cfg = model.config
     shape = (batch, length, cfg.num_key_value_heads, cfg.head_dim)
     if model.options.scan_layers:
-        zeros = lambda: constrain(jnp.zeros((cfg.num_hidden_layers,) + shape, dtype), ("layers",) + CACHE_AXES)
-        return (zeros(), zeros())
-    zeros = lambda: constrain(jnp.zeros(shape, dtype), CACHE_AXES)
-    return [(zeros(), zeros()) for _ in range(cfg.num_hidden_layers)]
+        return kv_cache.empty(shape, dtype, lead=((cfg.num_hidden_layers, "layers"),))
+    return [kv_cache.empty(shape, dtype) for _ in range(cfg.num_hidden_layers)]
 
 
 def _last_logits(model, hidden, lengths):

@@ -147,18 +147,21 @@ def reference_decode(q, k_cache, v_cache, lengths, *, sm_scale=None):
     return out.reshape(B, Hq, D)
 
 
-def merge_splits(o_parts: jax.Array, lse_parts: jax.Array) -> jax.Array:
+def merge_splits(o_parts: jax.Array, lse_parts: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Combines split-K partial outputs by log-sum-exp.
 
     ``o_parts [..., n, G, D]`` (each normalized within its split) and
-    ``lse_parts [..., n, G]`` (-inf for an empty split).
+    ``lse_parts [..., n, G]`` (-inf for an empty split) -> (out ``[..., G, D]``,
+    lse ``[..., G]``; -inf where every split was empty).
     """
     m = jnp.max(lse_parts, axis=-2, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     w = jnp.exp(lse_parts - m)                                   # [..., n, G]
     total = jnp.sum(w, axis=-2)                                  # [..., G]
     out = jnp.sum(w[..., None] * o_parts, axis=-3)              # [..., G, D]
-    return out / jnp.where(total > 0, total, 1.0)[..., None]
+    safe = jnp.where(total > 0, total, 1.0)
+    lse = jnp.where(total > 0, m[..., 0, :] + jnp.log(safe), -jnp.inf)
+    return out / safe[..., None], lse
 
 
 # ------------------------------------------------------------- poisoned outputs

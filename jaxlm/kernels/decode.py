@@ -30,11 +30,15 @@ from jaxlm.kernels.common import (MASK_VALUE, block_sizes_for, dot_precision, ke
 
 
 def decode_attention(q, k_cache, v_cache, lengths, *, sm_scale: float | None = None, block_k: int | None = None,
-                     split: int | None = None, interpret=None, backend: str | None = None):
+                     split: int | None = None, interpret=None, backend: str | None = None,
+                     return_lse: bool = False):
     """``q [B, Hq, D]``, caches ``[B, S, Hkv, D]``, ``lengths [B]`` -> ``[B, Hq, D]``.
 
-    Keys at slots ``>= lengths[b]`` are ignored. On CPU the GPU kernel runs in
-    interpret mode; ``interpret=pltpu.InterpretParams()`` runs the TPU kernel so.
+    Keys at slots ``>= lengths[b]`` are ignored (a row with length 0 gets zeros
+    and, with ``return_lse``, a log-sum-exp of -inf). On CPU the GPU kernel runs
+    in interpret mode; ``interpret=pltpu.InterpretParams()`` runs the TPU kernel so.
+    ``return_lse=True`` also returns the float32 log-sum-exp ``[B, Hq]`` and a
+    float32 output, for merging partial results (context parallelism).
     """
     if q.ndim != 3 or k_cache.ndim != 4 or v_cache.shape != k_cache.shape:
         raise ValueError(f"decode_attention: expected q [B, Hq, D] and caches [B, S, Hkv, D]; got "
@@ -56,15 +60,17 @@ def decode_attention(q, k_cache, v_cache, lengths, *, sm_scale: float | None = N
     if Dk != D:
         out = decode_attention(pad_axis(q, 2, Dk), pad_axis(k_cache, 3, Dk), pad_axis(v_cache, 3, Dk), lengths,
                                sm_scale=scale, block_k=block_k, split=split, interpret=interpret,
-                               backend=backend)
-        return out[..., :D]
+                               backend=backend, return_lse=return_lse)
+        return (out[0][..., :D], out[1]) if return_lse else out[..., :D]
     if family == "tpu":
         bk = min(round_up(bk, 128), round_up(S, 128))
         split = max(bk, round_up(split or sizes.decode_split, bk))
-        return _decode_tpu(q, k_cache, v_cache, lengths, scale, bk, split, interpret)
-    bk = min(bk, max(16, pl.next_power_of_2(S)))
-    split = max(bk, round_up(split or sizes.decode_split, bk))
-    return _decode_gpu(q, k_cache, v_cache, lengths, scale, bk, split, interpret)
+        out, lse = _decode_tpu(q, k_cache, v_cache, lengths, scale, bk, split, interpret)
+    else:
+        bk = min(bk, max(16, pl.next_power_of_2(S)))
+        split = max(bk, round_up(split or sizes.decode_split, bk))
+        out, lse = _decode_gpu(q, k_cache, v_cache, lengths, scale, bk, split, interpret)
+    return (out, lse) if return_lse else out.astype(q.dtype)
 
 
 # ------------------------------------------------------------------------ GPU
@@ -133,8 +139,8 @@ def _decode_gpu(q, k_cache, v_cache, lengths, scale, block_k, split, interpret):
         interpret=interpret,
         name="jaxlm_decode_gpu",
     )(lens, qg, kc, vc)
-    out = merge_splits(o_parts, lse_parts)[:, :, :G]                 # [B, Hkv, G, D]
-    return out.reshape(B, Hq, D).astype(q.dtype)
+    out, lse = merge_splits(o_parts, lse_parts)
+    return out[:, :, :G].reshape(B, Hq, D), lse[:, :, :G].reshape(B, Hq)
 
 
 # ------------------------------------------------------------------------ TPU
@@ -221,5 +227,5 @@ def _decode_tpu(q, k_cache, v_cache, lengths, scale, block_k, split, interpret):
     o = o_parts.reshape(B, n_splits, Hkv, Gp, Hkv, D)
     o = jnp.einsum("bnhgkd,hk->bhngd", o, jnp.eye(Hkv, dtype=o.dtype))         # [B, Hkv, n, Gp, D]
     lse = lse_parts[..., 0].reshape(B, n_splits, Hkv, Gp).transpose(0, 2, 1, 3)  # [B, Hkv, n, Gp]
-    out = merge_splits(o, lse)[:, :, :G]
-    return out.reshape(B, Hq, D).astype(q.dtype)
+    out, lse = merge_splits(o, lse)
+    return out[:, :, :G].reshape(B, Hq, D), lse[:, :, :G].reshape(B, Hq)

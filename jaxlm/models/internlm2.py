@@ -17,6 +17,7 @@ from jaxlm.config import InternLM2Config
 from jaxlm.generation.api import GenerationMixin
 from jaxlm.models.options import ModelOptions
 from jaxlm.nn.attention import AttentionMask, attend, attend_decode
+from jaxlm.nn import kv_cache as kv_cache_lib
 from jaxlm.nn.embed import Embed
 from jaxlm.nn.linear import Projection
 from jaxlm.nn.mlp import SwiGLU
@@ -64,25 +65,15 @@ class InternLM2Attention(nnx.Module):
         B, T = x.shape[:2]
         new_cache = None
         if kv_cache is not None:
-            new_cache = _write_cache(kv_cache, k, v, write_slot)
+            new_cache = kv_cache_lib.write(kv_cache, k, v, write_slot)
             if T == 1:  # decoding: one query per row against the cache
-                out = attend_decode(q.reshape(B, -1, q.shape[-1]), *new_cache, write_slot + 1, self.impl)
+                k_all, v_all = kv_cache_lib.read(new_cache, q.dtype)
+                out = attend_decode(q.reshape(B, -1, q.shape[-1]), k_all, v_all, write_slot + 1, self.impl)
                 return self.wo(out.reshape(B, 1, -1, out.shape[-1])), new_cache
-            k, v = new_cache[0][:, :mask.kv_len], new_cache[1][:, :mask.kv_len]
+            k, v = kv_cache_lib.read(new_cache, q.dtype, mask.kv_len)
         out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.impl)   # [B, T, K, G, D]
         out = out.reshape(B, T, -1, out.shape[-1])               # [B, T, H, D], head = k*G + g
         return self.wo(out, k_wo), new_cache
-
-
-def _write_cache(kv_cache, k, v, write_slot):
-    """Writes new keys/values at per-row slots ``write_slot [B]`` (T tokens each)."""
-    k_cache, v_cache = kv_cache
-    rows = jnp.arange(k.shape[0])[:, None]
-    slots = write_slot[:, None] + jnp.arange(k.shape[1])[None, :]         # [B, T]
-    k_cache = k_cache.at[rows, slots].set(k.astype(k_cache.dtype), mode="drop")
-    v_cache = v_cache.at[rows, slots].set(v.astype(v_cache.dtype), mode="drop")
-    axes = ("batch", "cache_length", "act_kv_heads", None)
-    return constrain(k_cache, axes), constrain(v_cache, axes)
 
 
 class InternLM2DecoderLayer(nnx.Module):
@@ -154,10 +145,11 @@ class InternLM2ForCausalLM(GenerationMixin, nnx.Module):
 
     def __init__(self, config: InternLM2Config, *, dtype=jnp.float32, param_dtype=jnp.float32,
                  scan_layers: bool = False, attention_impl: str = "auto", remat: str = "none",
-                 max_context: int | None = None, rngs: nnx.Rngs | None = None):
+                 max_context: int | None = None, kv_cache_dtype=None, rngs: nnx.Rngs | None = None):
         self.config = config
         self.options = ModelOptions(dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers,
-                                    attention_impl=attention_impl, remat=remat, max_context=max_context)
+                                    attention_impl=attention_impl, remat=remat, max_context=max_context,
+                                    kv_cache_dtype=kv_cache_dtype)
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.model = InternLM2Model(config, self.options, rngs=rngs)
         if not config.tie_word_embeddings:
@@ -263,7 +255,7 @@ def _jitted_forward(graphdef, state, input_ids, attention_mask, position_ids, se
 
 
 def _from_pretrained(cls, path, *, dtype=None, param_dtype=None, mesh=None, scan_layers=False,
-                     attention_impl="auto", remat="none", max_context=None):
+                     attention_impl="auto", remat="none", max_context=None, kv_cache_dtype=None):
     """Loads an HF InternLM2 directory or a jaxlm checkpoint.
 
     ``param_dtype`` defaults to the stored dtype and ``dtype`` (compute) to
@@ -273,7 +265,7 @@ def _from_pretrained(cls, path, *, dtype=None, param_dtype=None, mesh=None, scan
 
     return load_pretrained(cls, path, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
                            scan_layers=scan_layers, attention_impl=attention_impl, remat=remat,
-                           max_context=max_context)
+                           max_context=max_context, kv_cache_dtype=kv_cache_dtype)
 
 
 def _save_pretrained(self, dst, *, overwrite=False, source_dir=None):

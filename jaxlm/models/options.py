@@ -21,6 +21,15 @@ def as_dtype(value, what: str = "dtype"):
         raise ConfigError(f"{what}: unsupported dtype {value!r}; use float32 or bfloat16") from None
 
 
+def check_cache_dtype(value):
+    if value is None:
+        return None
+    dtype = as_dtype(value, "kv_cache_dtype")
+    if dtype.name not in ("float32", "bfloat16", "float16", "int8"):
+        raise ConfigError(f"kv_cache_dtype: {dtype} is not supported; use bfloat16, float32 or int8")
+    return dtype
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelOptions:
     dtype: object = jnp.float32          # activations / compute
@@ -29,10 +38,12 @@ class ModelOptions:
     attention_impl: str = "auto"
     remat: str = "none"
     max_context: int | None = None       # longest prompt + new tokens generate accepts
+    kv_cache_dtype: object = None        # None: the compute dtype; or bfloat16, float32, int8
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", as_dtype(self.dtype, "dtype"))
         object.__setattr__(self, "param_dtype", as_dtype(self.param_dtype, "param_dtype"))
+        object.__setattr__(self, "kv_cache_dtype", check_cache_dtype(self.kv_cache_dtype))
         for name, value in (("dtype", self.dtype), ("param_dtype", self.param_dtype)):
             if value not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
                 raise ConfigError(f"{name}: unsupported dtype {value}; use float32 or bfloat16")

@@ -185,7 +185,7 @@ def _pad_to(x, length: int, value):
 
 
 def xla_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array,
-                         sm_scale: float | None = None) -> jax.Array:
+                         sm_scale: float | None = None, return_lse: bool = False):
     """One new query per row against a KV cache: ``q [B, Hq, D]``, caches ``[B, S, Hkv, D]``.
 
     Keys at slots ``>= lengths[b]`` are ignored. Written as broadcast-multiply
@@ -200,9 +200,16 @@ def xla_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, l
     qg = q.reshape(B, 1, K, G, D).astype(jnp.float32)
     scores = jnp.sum(qg * k_cache[:, :, :, None, :].astype(jnp.float32), axis=-1) * scale   # [B, S, K, G]
     valid = jnp.arange(S)[None, :] < lengths[:, None]
-    scores = jnp.where(valid[:, :, None, None], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=1)
-    out = jnp.sum(probs[..., None] * v_cache[:, :, :, None, :].astype(jnp.float32), axis=1)  # [B, K, G, D]
+    scores = jnp.where(valid[:, :, None, None], scores, -jnp.inf)
+    m = jnp.max(scores, axis=1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)                 # a row with no valid key (an empty shard)
+    p = jnp.exp(scores - m)
+    total = jnp.sum(p, axis=1)                                                         # [B, K, G]
+    out = jnp.sum(p[..., None] * v_cache[:, :, :, None, :].astype(jnp.float32), axis=1)  # [B, K, G, D]
+    out = out / jnp.where(total > 0, total, 1.0)[..., None]
+    if return_lse:
+        lse = jnp.where(total > 0, m[:, 0] + jnp.log(jnp.where(total > 0, total, 1.0)), -jnp.inf)
+        return out.reshape(B, Hq, D), lse.reshape(B, Hq)
     return out.reshape(B, Hq, D).astype(q.dtype)
 
 
@@ -255,9 +262,51 @@ def attend(q, k, v, mask: AttentionMask, impl: str = "xla"):
 
 
 def attend_decode(q, k_cache, v_cache, lengths, impl: str = "xla"):
-    """One query per row against the cache; Pallas split-K kernel or XLA."""
+    """One query per row against the cache; Pallas split-K kernel or XLA.
+
+    On a mesh with a ``context`` axis (the cache split along its slots), each
+    device attends to its own slots and the partial results are merged by
+    log-sum-exp across the axis: only ``[B, H, D]`` outputs travel, never the cache.
+    """
+    from jaxlm.sharding import current_context_axis
+
+    if current_context_axis():
+        return _context_parallel_decode(q, k_cache, v_cache, lengths, impl)
+    return _decode_with_lse(q, k_cache, v_cache, lengths, impl)[0].astype(q.dtype)
+
+
+def _decode_with_lse(q, k_cache, v_cache, lengths, impl):
     if resolve_impl(impl) == "xla":
-        return xla_decode_attention(q, k_cache, v_cache, lengths)
+        return xla_decode_attention(q, k_cache, v_cache, lengths, return_lse=True)
     from jaxlm.kernels import decode_attention
 
-    return decode_attention(q, k_cache, v_cache, lengths)
+    return decode_attention(q, k_cache, v_cache, lengths, return_lse=True)
+
+
+def _context_parallel_decode(q, k_cache, v_cache, lengths, impl):
+    from jax.sharding import PartitionSpec
+
+    from jaxlm.sharding import logical_to_spec
+
+    def spec(axes, x):
+        return logical_to_spec(axes, shape=x.shape)
+
+    q_spec = spec(("batch", "act_heads", None), q)
+    cache_spec = spec(("batch", "cache_length", "act_kv_heads", None), k_cache)
+    len_spec = spec(("batch",), lengths)
+    axis = cache_spec[1]
+    if axis is None:  # the slots do not divide over the axis: let XLA handle it
+        return _decode_with_lse(q, k_cache, v_cache, lengths, impl)[0].astype(q.dtype)
+
+    def local(q, kc, vc, lengths):
+        shard = jax.lax.axis_index(axis)
+        local_len = jnp.clip(lengths - shard * kc.shape[1], 0, kc.shape[1])
+        out, lse = _decode_with_lse(q, kc, vc, local_len, impl)               # [B, H, D], [B, H]
+        m = jax.lax.pmax(lse, axis)
+        m = jnp.where(jnp.isfinite(m), m, 0.0)
+        w = jnp.exp(lse - m)                                                    # 0 for an empty shard
+        total = jax.lax.psum(w, axis)
+        return (jax.lax.psum(w[..., None] * out.astype(jnp.float32), axis) / total[..., None]).astype(q.dtype)
+
+    return jax.shard_map(local, in_specs=(q_spec, cache_spec, cache_spec, len_spec), out_specs=q_spec,
+                         check_vma=False)(q, k_cache, v_cache, lengths)
