@@ -41,7 +41,8 @@ def _is_tpu_interpret(interpret) -> bool:
 
 
 def flash_attention(q, k, v, *, causal: bool = True, segment_ids=None, sm_scale: float | None = None,
-                    block_sizes: BlockSizes | dict | None = None, interpret=None, backend: str | None = None):
+                    block_sizes: BlockSizes | dict | None = None, interpret=None, backend: str | None = None,
+                    q_offset=None, kv_segment_ids=None):
     """Flash attention: ``q [B, T, Hq, D]``, ``k, v [B, S, Hkv, D]`` -> ``[B, T, Hq, D]``.
 
     GQA inside the kernel (query head ``i`` reads kv head ``i // (Hq / Hkv)``);
@@ -51,16 +52,22 @@ def flash_attention(q, k, v, *, causal: bool = True, segment_ids=None, sm_scale:
     packed examples. float32 or bfloat16 in, float32 accumulation. On CPU the
     kernels run in interpret mode (``interpret=None``); pass
     ``jax.experimental.pallas.tpu.InterpretParams()`` to run the TPU kernels so.
+
+    For chunked prefill against a cache, ``q_offset`` (may be traced) sets the
+    key slot of query 0 instead of ``S - T``, and ``kv_segment_ids [B, S]``
+    pairs with ``segment_ids [B, T]`` when T != S.
     """
-    check_inputs(q, k, v, segment_ids, causal)
+    check_inputs(q, k, v, segment_ids if kv_segment_ids is None else None, causal and q_offset is None)
     family, interpret = _kind(interpret, backend)
     D = q.shape[-1]
     Dk = kernel_head_dim(D)  # zero-padding the head dim leaves scores and outputs unchanged
     sizes = block_sizes_for(family, Dk, block_sizes)
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
     seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
+    kv_seg = seg if kv_segment_ids is None or seg is None else kv_segment_ids.astype(jnp.int32)
+    offset = jnp.asarray(k.shape[1] - q.shape[1] if q_offset is None else q_offset, jnp.int32)
     q, k, v = (pad_axis(x, 3, Dk) for x in (q, k, v))
-    return _flash(q, k, v, seg, causal, float(scale), sizes, family, interpret)[..., :D]
+    return _flash(q, k, v, seg, kv_seg, offset, causal, float(scale), sizes, family, interpret)[..., :D]
 
 
 def _plan(T, S, sizes: BlockSizes, family: str, backward: bool):
@@ -72,49 +79,48 @@ def _plan(T, S, sizes: BlockSizes, family: str, backward: bool):
     return bq, bk, round_up(T, bq), round_up(S, bk)
 
 
-def _pad(q, k, v, seg, T_pad, S_pad):
+def _pad(q, k, v, seg, kv_seg, T_pad, S_pad):
     q = pad_axis(q, 1, T_pad)
     k, v = pad_axis(k, 1, S_pad), pad_axis(v, 1, S_pad)
     if seg is None:
         return q, k, v, None, None
-    return q, k, v, pad_axis(seg, 1, T_pad, -1), pad_axis(seg, 1, S_pad, -2)
+    return q, k, v, pad_axis(seg, 1, T_pad, -1), pad_axis(kv_seg, 1, S_pad, -2)
 
 
 def _module(family):
     return flash_tpu if family == "tpu" else flash_gpu
 
 
-def _forward(q, k, v, seg, causal, scale, sizes, family, interpret):
-    B, T, Hq, D = q.shape
-    S = k.shape[1]
+def _forward(q, k, v, seg, kv_seg, offset, causal, scale, sizes, family, interpret):
+    T, S = q.shape[1], k.shape[1]
     # The backward reuses the padded layout, so pad once to a multiple of both tilings.
     bq, bk, _, _ = _plan(T, S, sizes, family, False)
     bq2, bk2, _, _ = _plan(T, S, sizes, family, True)
     T_pad, S_pad = round_up(T, math.lcm(bq, bq2)), round_up(S, math.lcm(bk, bk2))
-    qp, kp, vp, qs, ks = _pad(q, k, v, seg, T_pad, S_pad)
-    out, lse = _module(family).forward(qp, kp, vp, qs, ks, scale=scale, causal=causal, offset=S - T,
+    qp, kp, vp, qs, ks = _pad(q, k, v, seg, kv_seg, T_pad, S_pad)
+    out, lse = _module(family).forward(qp, kp, vp, qs, ks, scale=scale, causal=causal, offset=offset,
                                        kv_len=S, block_q=bq, block_k=bk, interpret=interpret)
-    return out[:, :T], (qp, kp, vp, qs, ks, out, lse)
+    return out[:, :T], (qp, kp, vp, qs, ks, offset, out, lse)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def _flash(q, k, v, seg, causal, scale, sizes, family, interpret):
-    return _forward(q, k, v, seg, causal, scale, sizes, family, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+def _flash(q, k, v, seg, kv_seg, offset, causal, scale, sizes, family, interpret):
+    return _forward(q, k, v, seg, kv_seg, offset, causal, scale, sizes, family, interpret)[0]
 
 
-def _flash_fwd(q, k, v, seg, causal, scale, sizes, family, interpret):
-    out, residuals = _forward(q, k, v, seg, causal, scale, sizes, family, interpret)
+def _flash_fwd(q, k, v, seg, kv_seg, offset, causal, scale, sizes, family, interpret):
+    out, residuals = _forward(q, k, v, seg, kv_seg, offset, causal, scale, sizes, family, interpret)
     return out, (residuals, q.shape[1], k.shape[1])
 
 
 def _flash_bwd(causal, scale, sizes, family, interpret, saved, d_out):
-    (qp, kp, vp, qs, ks, out, lse), T, S = saved
+    (qp, kp, vp, qs, ks, offset, out, lse), T, S = saved
     bq, bk, _, _ = _plan(T, S, sizes, family, True)
     do = pad_axis(d_out, 1, qp.shape[1])
     dq, dk, dv = _module(family).backward(qp, kp, vp, qs, ks, out, lse, do, scale=scale, causal=causal,
-                                          offset=S - T, kv_len=S, block_q=bq, block_k=bk,
+                                          offset=offset, kv_len=S, block_q=bq, block_k=bk,
                                           interpret=interpret)
-    return dq[:, :T], dk[:, :S], dv[:, :S], None
+    return dq[:, :T], dk[:, :S], dv[:, :S], None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

@@ -8,7 +8,8 @@ kernel for dq per query block, one for dk/dv per (kv head, key block) that
 walks the G query heads of the group, so dk/dv come out summed per group.
 
 Inputs arrive padded to block multiples (`jaxlm.kernels.flash`); ``kv_len``
-masks the padded keys and ``offset = S - T`` aligns causality at the end.
+masks the padded keys and ``offset`` (a 1-element array, so chunked prefill
+can pass a traced one) is the key slot of query 0 for causality.
 On CPU the same kernels run in interpret mode.
 """
 
@@ -71,9 +72,10 @@ def _tn(a, b, precision):  # a.T @ b
 
 
 # --------------------------------------------------------------------- forward
-def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, *, scale, causal, offset,
+def _fwd_kernel(off_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, *, scale, causal,
                 kv_len, block_q, block_k, precision):
     qi = pl.program_id(2)
+    offset = off_ref[0]
     q = q_ref[...]                                                    # [bq, D]
     q_pos = qi * block_q + jnp.arange(block_q)
     q_seg = None if qseg_ref is None else qseg_ref[...]
@@ -103,12 +105,16 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, *, scal
     lse_ref[...] = m + jnp.log(l)
 
 
+def _offset_array(offset):
+    return jnp.broadcast_to(jnp.asarray(offset, jnp.int32).reshape(-1)[:1], (16,))  # 16: a Triton-sized block
+
+
 def forward(q, k, v, q_seg, k_seg, *, scale, causal, offset, kv_len, block_q, block_k, interpret):
     """Padded inputs -> (out [B, T, Hq, D], lse [B, Hq, T] float32)."""
     B, T, Hq, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     G = Hq // Hkv
-    kernel = functools.partial(_fwd_kernel, scale=scale, causal=causal, offset=offset, kv_len=kv_len,
+    kernel = functools.partial(_fwd_kernel, scale=scale, causal=causal, kv_len=kv_len,
                                block_q=block_q, block_k=block_k, precision=dot_precision(q.dtype))
     seg_specs = [None, None] if q_seg is None else [
         pl.BlockSpec((None, block_q), lambda b, h, i: (b, i)),
@@ -116,7 +122,8 @@ def forward(q, k, v, q_seg, k_seg, *, scale, causal, offset, kv_len, block_q, bl
     return pallas_call(
         kernel,
         grid=(B, Hq, T // block_q),
-        in_specs=[pl.BlockSpec((None, block_q, None, D), lambda b, h, i: (b, i, h, 0)),
+        in_specs=[pl.BlockSpec((16,), lambda b, h, i: (0,)),
+                  pl.BlockSpec((None, block_q, None, D), lambda b, h, i: (b, i, h, 0)),
                   pl.BlockSpec((None, S, None, D), lambda b, h, i: (b, 0, h // G, 0)),
                   pl.BlockSpec((None, S, None, D), lambda b, h, i: (b, 0, h // G, 0)),
                   *seg_specs],
@@ -126,13 +133,14 @@ def forward(q, k, v, q_seg, k_seg, *, scale, causal, offset, kv_len, block_q, bl
         compiler_params=_compiler_params(D, interpret),
         interpret=interpret,
         name="jaxlm_flash_fwd",
-    )(q, k, v, q_seg, k_seg)
+    )(_offset_array(offset), q, k, v, q_seg, k_seg)
 
 
 # -------------------------------------------------------------------- backward
-def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_ref, dq_ref, *, scale,
-               causal, offset, kv_len, block_q, block_k, precision):
+def _dq_kernel(off_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_ref, dq_ref, *, scale,
+               causal, kv_len, block_q, block_k, precision):
     qi = pl.program_id(2)
+    offset = off_ref[0]
     q, do = q_ref[...], do_ref[...]
     lse, delta = lse_ref[...], delta_ref[...]
     q_pos = qi * block_q + jnp.arange(block_q)
@@ -155,9 +163,10 @@ def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_r
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _dkdv_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
-                 scale, causal, offset, kv_len, block_q, block_k, group, precision):
+def _dkdv_kernel(off_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
+                 *, scale, causal, kv_len, block_q, block_k, group, precision):
     h, kj = pl.program_id(1), pl.program_id(2)
+    offset = off_ref[0]
     k, v = k_ref[...], v_ref[...]                                    # [bk, D]
     k_pos = kj * block_k + jnp.arange(block_k)
     k_seg = None if kseg_ref is None else kseg_ref[...]
@@ -198,8 +207,9 @@ def backward(q, k, v, q_seg, k_seg, out, lse, do, *, scale, causal, offset, kv_l
     G = Hq // Hkv
     precision = dot_precision(q.dtype)
     delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
-    common = dict(scale=scale, causal=causal, offset=offset, kv_len=kv_len, block_q=block_q,
-                  block_k=block_k, precision=precision)
+    common = dict(scale=scale, causal=causal, kv_len=kv_len, block_q=block_q, block_k=block_k,
+                  precision=precision)
+    off = _offset_array(offset)
     has_seg = q_seg is not None
 
     q_seg_specs = [None, None] if not has_seg else [
@@ -207,7 +217,8 @@ def backward(q, k, v, q_seg, k_seg, out, lse, do, *, scale, causal, offset, kv_l
     dq = pallas_call(
         functools.partial(_dq_kernel, **common),
         grid=(B, Hq, T // block_q),
-        in_specs=[pl.BlockSpec((None, block_q, None, D), lambda b, h, i: (b, i, h, 0)),
+        in_specs=[pl.BlockSpec((16,), lambda b, h, i: (0,)),
+                  pl.BlockSpec((None, block_q, None, D), lambda b, h, i: (b, i, h, 0)),
                   pl.BlockSpec((None, S, None, D), lambda b, h, i: (b, 0, h // G, 0)),
                   pl.BlockSpec((None, S, None, D), lambda b, h, i: (b, 0, h // G, 0)),
                   *q_seg_specs,
@@ -219,14 +230,15 @@ def backward(q, k, v, q_seg, k_seg, out, lse, do, *, scale, causal, offset, kv_l
         compiler_params=_compiler_params(D, interpret),
         interpret=interpret,
         name="jaxlm_flash_dq",
-    )(q, k, v, q_seg, k_seg, do, lse, delta)
+    )(off, q, k, v, q_seg, k_seg, do, lse, delta)
 
     kv_seg_specs = [None, None] if not has_seg else [
         pl.BlockSpec((None, T), lambda b, h, j: (b, 0)), pl.BlockSpec((None, block_k), lambda b, h, j: (b, j))]
     dk, dv = pallas_call(
         functools.partial(_dkdv_kernel, group=G, **common),
         grid=(B, Hkv, S // block_k),
-        in_specs=[pl.BlockSpec((None, T, Hq, D), lambda b, h, j: (b, 0, 0, 0)),
+        in_specs=[pl.BlockSpec((16,), lambda b, h, j: (0,)),
+                  pl.BlockSpec((None, T, Hq, D), lambda b, h, j: (b, 0, 0, 0)),
                   pl.BlockSpec((None, block_k, None, D), lambda b, h, j: (b, j, h, 0)),
                   pl.BlockSpec((None, block_k, None, D), lambda b, h, j: (b, j, h, 0)),
                   *kv_seg_specs,
@@ -239,5 +251,5 @@ def backward(q, k, v, q_seg, k_seg, out, lse, do, *, scale, causal, offset, kv_l
         compiler_params=_compiler_params(D, interpret),
         interpret=interpret,
         name="jaxlm_flash_dkdv",
-    )(q, k, v, q_seg, k_seg, do, lse, delta)
+    )(off, q, k, v, q_seg, k_seg, do, lse, delta)
     return dq, dk, dv

@@ -29,7 +29,7 @@ def _params(*semantics):
     return pltpu.CompilerParams(dimension_semantics=semantics)
 
 
-def _last_key_block(qi, *, block_q, block_k, num_k, causal, offset):
+def _last_key_block(qi, *, block_q, block_k, num_k, causal, offset):  # offset may be traced
     if not causal:
         return num_k - 1
     # lax.div: the operands are non-negative, and `//` would lower through sign()
@@ -73,9 +73,10 @@ def _seg_inputs(q_seg, k_seg):
 
 
 # --------------------------------------------------------------------- forward
-def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *, scale,
-                causal, offset, kv_len, block_q, block_k, num_k, precision):
+def _fwd_kernel(off_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *, scale,
+                causal, kv_len, block_q, block_k, num_k, precision):
     qi, kj = pl.program_id(2), pl.program_id(3)
+    offset = off_ref[0]
 
     @pl.when(kj == 0)
     def _init():
@@ -109,45 +110,55 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, m_sc, l
         lse_ref[...] = jnp.broadcast_to(m_sc[:, 0:1] + jnp.log(l), lse_ref.shape)
 
 
+def _offset_array(offset):
+    return jnp.asarray(offset, jnp.int32).reshape(-1)[:1]
+
+
 def forward(q, k, v, q_seg, k_seg, *, scale, causal, offset, kv_len, block_q, block_k, interpret):
-    """Padded ``[B, T, H, D]`` inputs -> (out ``[B, T, Hq, D]``, lse ``[B, Hq, T, 128]``)."""
+    """Padded ``[B, T, H, D]`` inputs -> (out ``[B, T, Hq, D]``, lse ``[B, Hq, T, 128]``).
+
+    ``offset`` (the key slot of query 0) is prefetched into SMEM, so the index
+    maps can skip key blocks past the causal edge even when it is traced.
+    """
     B, T, Hq, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     G, num_k = Hq // Hkv, S // block_k
     qh, kh, vh = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
     qs, ks = _seg_inputs(q_seg, k_seg)
-    last = functools.partial(_last_key_block, block_q=block_q, block_k=block_k, num_k=num_k, causal=causal,
-                             offset=offset)
-    kv_map = lambda b, h, i, j: (b, lax.div(h, G), jnp.minimum(j, last(i)), 0)
+    last = functools.partial(_last_key_block, block_q=block_q, block_k=block_k, num_k=num_k, causal=causal)
+    kv_map = lambda b, h, i, j, off: (b, lax.div(h, G), jnp.minimum(j, last(i, offset=off[0])), 0)
     seg_specs = [None, None] if qs is None else [
-        pl.BlockSpec((None, block_q, LANES), lambda b, h, i, j: (b, i, 0)),
-        pl.BlockSpec((None, SUBLANES, block_k), lambda b, h, i, j: (b, 0, jnp.minimum(j, last(i))))]
-    kernel = functools.partial(_fwd_kernel, scale=scale, causal=causal, offset=offset, kv_len=kv_len,
+        pl.BlockSpec((None, block_q, LANES), lambda b, h, i, j, off: (b, i, 0)),
+        pl.BlockSpec((None, SUBLANES, block_k), lambda b, h, i, j, off: (b, 0, jnp.minimum(j, last(i, offset=off[0]))))]
+    kernel = functools.partial(_fwd_kernel, scale=scale, causal=causal, kv_len=kv_len,
                                block_q=block_q, block_k=block_k, num_k=num_k, precision=dot_precision(q.dtype))
     out, lse = pl.pallas_call(
         kernel,
-        grid=(B, Hq, T // block_q, num_k),
-        in_specs=[pl.BlockSpec((None, None, block_q, D), lambda b, h, i, j: (b, h, i, 0)),
-                  pl.BlockSpec((None, None, block_k, D), kv_map),
-                  pl.BlockSpec((None, None, block_k, D), kv_map),
-                  *seg_specs],
-        out_specs=[pl.BlockSpec((None, None, block_q, D), lambda b, h, i, j: (b, h, i, 0)),
-                   pl.BlockSpec((None, None, block_q, LANES), lambda b, h, i, j: (b, h, i, 0))],
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1,
+            grid=(B, Hq, T // block_q, num_k),
+            in_specs=[pl.BlockSpec((None, None, block_q, D), lambda b, h, i, j, off: (b, h, i, 0)),
+                      pl.BlockSpec((None, None, block_k, D), kv_map),
+                      pl.BlockSpec((None, None, block_k, D), kv_map),
+                      *seg_specs],
+            out_specs=[pl.BlockSpec((None, None, block_q, D), lambda b, h, i, j, off: (b, h, i, 0)),
+                       pl.BlockSpec((None, None, block_q, LANES), lambda b, h, i, j, off: (b, h, i, 0))],
+            scratch_shapes=[pltpu.VMEM((block_q, LANES), jnp.float32), pltpu.VMEM((block_q, LANES), jnp.float32),
+                            pltpu.VMEM((block_q, D), jnp.float32)]),
         out_shape=[jax.ShapeDtypeStruct((B, Hq, T, D), q.dtype),
                    jax.ShapeDtypeStruct((B, Hq, T, LANES), jnp.float32)],
-        scratch_shapes=[pltpu.VMEM((block_q, LANES), jnp.float32), pltpu.VMEM((block_q, LANES), jnp.float32),
-                        pltpu.VMEM((block_q, D), jnp.float32)],
         compiler_params=_params("parallel", "parallel", "parallel", "arbitrary"),
         interpret=interpret,
         name="jaxlm_flash_fwd_tpu",
-    )(qh, kh, vh, qs, ks)
+    )(_offset_array(offset), qh, kh, vh, qs, ks)
     return out.transpose(0, 2, 1, 3), lse
 
 
 # -------------------------------------------------------------------- backward
-def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_sc, *,
-               scale, causal, offset, kv_len, block_q, block_k, num_k, precision):
+def _dq_kernel(off_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_sc, *,
+               scale, causal, kv_len, block_q, block_k, num_k, precision):
     qi, kj = pl.program_id(2), pl.program_id(3)
+    offset = off_ref[0]
 
     @pl.when(kj == 0)
     def _init():
@@ -171,9 +182,10 @@ def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_r
         dq_ref[...] = (dq_sc[...] * scale).astype(dq_ref.dtype)
 
 
-def _dkdv_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
-                 dk_sc, dv_sc, *, scale, causal, offset, kv_len, block_q, block_k, group, num_q, precision):
+def _dkdv_kernel(off_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
+                 dk_sc, dv_sc, *, scale, causal, kv_len, block_q, block_k, group, num_q, precision):
     kj, g, qi = pl.program_id(2), pl.program_id(3), pl.program_id(4)
+    offset = off_ref[0]
 
     @pl.when((g == 0) & (qi == 0))
     def _init():
@@ -213,57 +225,60 @@ def backward(q, k, v, q_seg, k_seg, out, lse, do, *, scale, causal, offset, kv_l
         raise ValueError(f"lse length {lse.shape[2]} != {T}")
     qh, kh, vh, doh = (x.transpose(0, 2, 1, 3) for x in (q, k, v, do))
     qs, ks = _seg_inputs(q_seg, k_seg)
-    common = dict(scale=scale, causal=causal, offset=offset, kv_len=kv_len, block_q=block_q,
-                  block_k=block_k, precision=precision)
+    off = _offset_array(offset)
+    common = dict(scale=scale, causal=causal, kv_len=kv_len, block_q=block_q, block_k=block_k,
+                  precision=precision)
 
-    last = functools.partial(_last_key_block, block_q=block_q, block_k=block_k, num_k=num_k, causal=causal,
-                             offset=offset)
-    kv_map = lambda b, h, i, j: (b, lax.div(h, G), jnp.minimum(j, last(i)), 0)
-    row_map = lambda b, h, i, j: (b, h, i, 0)
+    last = functools.partial(_last_key_block, block_q=block_q, block_k=block_k, num_k=num_k, causal=causal)
+    kv_map = lambda b, h, i, j, o: (b, lax.div(h, G), jnp.minimum(j, last(i, offset=o[0])), 0)
+    row_map = lambda b, h, i, j, o: (b, h, i, 0)
     seg_specs = [None, None] if qs is None else [
-        pl.BlockSpec((None, block_q, LANES), lambda b, h, i, j: (b, i, 0)),
-        pl.BlockSpec((None, SUBLANES, block_k), lambda b, h, i, j: (b, 0, jnp.minimum(j, last(i))))]
+        pl.BlockSpec((None, block_q, LANES), lambda b, h, i, j, o: (b, i, 0)),
+        pl.BlockSpec((None, SUBLANES, block_k), lambda b, h, i, j, o: (b, 0, jnp.minimum(j, last(i, offset=o[0]))))]
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, num_k=num_k, **common),
-        grid=(B, Hq, num_q, num_k),
-        in_specs=[pl.BlockSpec((None, None, block_q, D), row_map),
-                  pl.BlockSpec((None, None, block_k, D), kv_map),
-                  pl.BlockSpec((None, None, block_k, D), kv_map),
-                  *seg_specs,
-                  pl.BlockSpec((None, None, block_q, D), row_map),
-                  pl.BlockSpec((None, None, block_q, LANES), row_map),
-                  pl.BlockSpec((None, None, block_q, LANES), row_map)],
-        out_specs=pl.BlockSpec((None, None, block_q, D), row_map),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1,
+            grid=(B, Hq, num_q, num_k),
+            in_specs=[pl.BlockSpec((None, None, block_q, D), row_map),
+                      pl.BlockSpec((None, None, block_k, D), kv_map),
+                      pl.BlockSpec((None, None, block_k, D), kv_map),
+                      *seg_specs,
+                      pl.BlockSpec((None, None, block_q, D), row_map),
+                      pl.BlockSpec((None, None, block_q, LANES), row_map),
+                      pl.BlockSpec((None, None, block_q, LANES), row_map)],
+            out_specs=pl.BlockSpec((None, None, block_q, D), row_map),
+            scratch_shapes=[pltpu.VMEM((block_q, D), jnp.float32)]),
         out_shape=jax.ShapeDtypeStruct(qh.shape, q.dtype),
-        scratch_shapes=[pltpu.VMEM((block_q, D), jnp.float32)],
         compiler_params=_params("parallel", "parallel", "parallel", "arbitrary"),
         interpret=interpret,
         name="jaxlm_flash_dq_tpu",
-    )(qh, kh, vh, qs, ks, doh, lse, delta)
+    )(off, qh, kh, vh, qs, ks, doh, lse, delta)
 
-    first = functools.partial(_first_query_block, block_q=block_q, block_k=block_k, causal=causal,
-                              offset=offset)
-    q_map = lambda b, h, j, g, i: (b, h * G + g, jnp.maximum(i, first(j)), 0)
-    k_map = lambda b, h, j, g, i: (b, h, j, 0)
+    first = functools.partial(_first_query_block, block_q=block_q, block_k=block_k, causal=causal)
+    q_map = lambda b, h, j, g, i, o: (b, h * G + g, jnp.maximum(i, first(j, offset=o[0])), 0)
+    k_map = lambda b, h, j, g, i, o: (b, h, j, 0)
     seg_specs = [None, None] if qs is None else [
-        pl.BlockSpec((None, block_q, LANES), lambda b, h, j, g, i: (b, jnp.maximum(i, first(j)), 0)),
-        pl.BlockSpec((None, SUBLANES, block_k), lambda b, h, j, g, i: (b, 0, j))]
+        pl.BlockSpec((None, block_q, LANES), lambda b, h, j, g, i, o: (b, jnp.maximum(i, first(j, offset=o[0])), 0)),
+        pl.BlockSpec((None, SUBLANES, block_k), lambda b, h, j, g, i, o: (b, 0, j))]
     dk, dv = pl.pallas_call(
         functools.partial(_dkdv_kernel, group=G, num_q=num_q, **common),
-        grid=(B, Hkv, num_k, G, num_q),
-        in_specs=[pl.BlockSpec((None, None, block_q, D), q_map),
-                  pl.BlockSpec((None, None, block_k, D), k_map),
-                  pl.BlockSpec((None, None, block_k, D), k_map),
-                  *seg_specs,
-                  pl.BlockSpec((None, None, block_q, D), q_map),
-                  pl.BlockSpec((None, None, block_q, LANES), q_map),
-                  pl.BlockSpec((None, None, block_q, LANES), q_map)],
-        out_specs=[pl.BlockSpec((None, None, block_k, D), k_map), pl.BlockSpec((None, None, block_k, D), k_map)],
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1,
+            grid=(B, Hkv, num_k, G, num_q),
+            in_specs=[pl.BlockSpec((None, None, block_q, D), q_map),
+                      pl.BlockSpec((None, None, block_k, D), k_map),
+                      pl.BlockSpec((None, None, block_k, D), k_map),
+                      *seg_specs,
+                      pl.BlockSpec((None, None, block_q, D), q_map),
+                      pl.BlockSpec((None, None, block_q, LANES), q_map),
+                      pl.BlockSpec((None, None, block_q, LANES), q_map)],
+            out_specs=[pl.BlockSpec((None, None, block_k, D), k_map), pl.BlockSpec((None, None, block_k, D), k_map)],
+            scratch_shapes=[pltpu.VMEM((block_k, D), jnp.float32), pltpu.VMEM((block_k, D), jnp.float32)]),
         out_shape=[jax.ShapeDtypeStruct(kh.shape, k.dtype), jax.ShapeDtypeStruct(vh.shape, v.dtype)],
-        scratch_shapes=[pltpu.VMEM((block_k, D), jnp.float32), pltpu.VMEM((block_k, D), jnp.float32)],
         compiler_params=_params("parallel", "parallel", "parallel", "arbitrary", "arbitrary"),
         interpret=interpret,
         name="jaxlm_flash_dkdv_tpu",
-    )(qh, kh, vh, qs, ks, doh, lse, delta)
+    )(off, qh, kh, vh, qs, ks, doh, lse, delta)
     t = lambda x: x.transpose(0, 2, 1, 3)
     return t(dq), t(dk), t(dv)

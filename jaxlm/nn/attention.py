@@ -225,21 +225,27 @@ def resolve_impl(impl: str) -> str:
 
 
 def _flash_args(mask: AttentionMask, T: int):
-    """(causal, segment_ids) for the flash kernel, or None when the mask does not fit it."""
+    """Keyword arguments of the flash kernel for this mask, or None when it does not fit."""
     S = mask.kv_len
-    if not isinstance(mask.q_offset, int) or (mask.causal and mask.q_offset != S - T):
-        return None
-    seg = mask.q_segment
-    if mask.key_valid is not None:
-        if T != S:
-            return None
-        valid = mask.key_valid.astype(jnp.int32)
-        seg = valid if seg is None else jnp.where(valid > 0, seg, -1)
+    offset = mask.q_offset
+    if not isinstance(offset, int) and jnp.ndim(offset) != 0:
+        return None  # per-row offsets (decoding) go to the decode kernel
     # key_lengths: keys past a row's length come after its valid queries, so a
     # causal mask already hides them (padded queries produce ignored rows).
     if mask.key_lengths is not None and not mask.causal:
         return None
-    return mask.causal, seg
+    q_seg, kv_seg = mask.q_segment, mask.kv_segment
+    if mask.key_valid is not None:
+        valid = mask.key_valid.astype(jnp.int32)
+        if valid.shape[0] == 1:
+            valid = jnp.broadcast_to(valid, (q_seg.shape[0] if q_seg is not None else valid.shape[0], S))
+        kv_seg = valid if kv_seg is None else jnp.where(valid > 0, kv_seg, -1)
+        if q_seg is None:  # queries keep segment 1: valid ones read only valid keys
+            q_seg = jnp.ones((kv_seg.shape[0], T), jnp.int32)
+    static = isinstance(offset, int) and offset == S - T
+    if T == S and static:  # one segment array serves queries and keys (pads: their own segment)
+        return dict(causal=mask.causal, segment_ids=kv_seg if kv_seg is not None else q_seg)
+    return dict(causal=mask.causal, segment_ids=q_seg, kv_segment_ids=kv_seg, q_offset=None if static else offset)
 
 
 def attend(q, k, v, mask: AttentionMask, impl: str = "xla"):
@@ -249,16 +255,15 @@ def attend(q, k, v, mask: AttentionMask, impl: str = "xla"):
     args = None if impl == "xla" else _flash_args(mask, T)
     if args is None:
         return xla_attention(q, k, v, mask)
-    causal, seg = args
     q4 = q.reshape(B, T, K * G, D)
     if impl == "cudnn":
-        if seg is None and k.shape[1] == T:
-            out = jax.nn.dot_product_attention(q4, k, v, is_causal=causal, implementation="cudnn")
+        if args["segment_ids"] is None and args["q_offset"] is None and k.shape[1] == T:
+            out = jax.nn.dot_product_attention(q4, k, v, is_causal=args["causal"], implementation="cudnn")
             return out.reshape(B, T, K, G, D)
         impl = "pallas"  # cuDNN's fused path takes no segment ids / offsets here
     from jaxlm.kernels import flash_attention
 
-    return flash_attention(q4, k, v, causal=causal, segment_ids=seg).reshape(B, T, K, G, D)
+    return flash_attention(q4, k, v, **args).reshape(B, T, K, G, D)
 
 
 def attend_decode(q, k_cache, v_cache, lengths, impl: str = "xla"):
