@@ -238,7 +238,7 @@ def plan_memory(config, *, mesh=None, batch: int = 1, context: int = 2048, train
             notes.append("unrolled layers under fsdp keep every layer's gathered weights: "
                          "train with scan_layers=True")
     else:
-        cache_dtype = jnp.dtype(kv_cache_dtype or compute)
+        cache_dtype = jnp.dtype(kv_cache_dtype if kv_cache_dtype is not None else compute)
         k_shards = tensor if K % tensor == 0 else 1
         cache_per_token = 2 * L * K * D * cache_dtype.itemsize / k_shards
         if cache_dtype == jnp.dtype("int8"):
@@ -274,10 +274,10 @@ def _suggestions(plan, config, sizes, train, kv_cache_dtype, chunk) -> list[str]
         tips.append(f"try a larger mesh (fsdp x {2 * n // max(sizes.get('tensor', 1), 1)}) "
                     f"or train='lora'" if train == "full" else "try a larger mesh (more fsdp)")
     if plan.kv_cache > plan.total / 4:
-        if kv_cache_dtype != "int8":
+        if kv_cache_dtype is None or jnp.dtype(kv_cache_dtype) != jnp.int8:
             tips.append("try the int8 KV cache (kv_cache_dtype='int8' halves it)")
-        tips.append("try a context axis (e.g. --mesh context=N) to split the KV cache")
+        tips.append("try a context axis (e.g. mesh context=N) to split the KV cache")
     if plan.activations > plan.total / 4:
         tips.append("try a smaller chunk / batch, or remat='full'" if train else
-                    "try a smaller prefill chunk (--chunk 4096)")
+                    "try a smaller prefill chunk (generate(prefill_chunk_size=4096), jaxlm plan --chunk 4096)")
     return tips

@@ -22,6 +22,7 @@ from jaxlm.generation.sampling import SamplerFlags
 from jaxlm.sharding import batch_multiple, model_mesh, named_sharding
 
 _DEFAULT = object()  # "not given" (None means "no stopping" for eos_token_id)
+FIT_CHECK_TOKENS = 8192  # generations caching at least this many tokens are planned first
 
 
 def _mesh_context(mesh):
@@ -153,7 +154,30 @@ class GenerationMixin:
         return _Plan(ids, rows, aligned, lengths, int(max_new_tokens), num_new, prompt_slots + num_new, flags,
                      params, seen, chunk, jnp.dtype(cache_dtype))
 
+    def _check_fits(self, plan: _Plan) -> None:
+        """Before a long generation: refuse one the planner says will not fit, and say what would."""
+        if plan.cache_len < FIT_CHECK_TOKENS:
+            return
+        try:
+            limit = jax.devices()[0].memory_stats()["bytes_limit"]
+        except Exception:  # CPU and some backends report no limit: nothing to check against
+            return
+        from jaxlm.plan import fmt_bytes, plan_memory
+
+        mesh = model_mesh(self)
+        estimate = plan_memory(self.config, mesh=mesh, batch=plan.aligned.shape[0], context=plan.cache_len,
+                               dtype=self.options.dtype, param_dtype=self.options.param_dtype,
+                               kv_cache_dtype=plan.cache_dtype, chunk=plan.chunk or plan.aligned.shape[1],
+                               scan_layers=self.options.scan_layers, device=int(limit), headroom=0.95)
+        if estimate.fits is False:
+            tips = "; ".join(n for n in estimate.notes if n.startswith("try")) or "use a larger mesh"
+            raise JaxlmError(
+                f"max_new_tokens: this generation ({plan.cache_len} cached tokens x {plan.aligned.shape[0]} rows) "
+                f"needs about {fmt_bytes(estimate.total)} per device (KV cache {fmt_bytes(estimate.kv_cache)}, "
+                f"activations {fmt_bytes(estimate.activations)}) but a device has {fmt_bytes(limit)}: {tips}")
+
     def _prefill(self, plan: _Plan):
+        self._check_fits(plan)
         graphdef, state = nnx.split(self)
         mesh = model_mesh(self)
         inputs = (plan.aligned, plan.lengths, plan.seen)
