@@ -21,6 +21,7 @@ COMMANDS = {
     "chat": ("jaxlm.commands.chat", "interactive streaming chat"),
     "plan": ("jaxlm.commands.plan", "bytes per device of a run, and whether it fits"),
     "train": ("jaxlm.commands.train", "fine-tune (full or LoRA) from an experiment config; resumes"),
+    "eval": ("jaxlm.commands.eval", "long-context evaluations: ppl, needle, passkey"),
 }
 
 

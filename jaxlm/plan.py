@@ -249,7 +249,7 @@ def plan_memory(config, *, mesh=None, batch: int = 1, context: int = 2048, train
         # sequence for attention, so the whole chunk counts): q/k/v, the MLP
         # hidden, float32 norm/residual copies; then the attention scores, dense
         # for short sequences, one 512 x 512 tile per step beyond.
-        layer_live = b * q_tokens * ((4 * E + 2 * qkv + 3 * i_loc) * a + 2 * E * 4)
+        layer_live = b * q_tokens * ((3 * E + 2 * qkv + 3 * i_loc) * a + 2 * E * 4)
         if q_tokens * context <= DENSE_LIMIT:
             scores = b * h_loc * q_tokens * context * 4 * 0.31
         else:

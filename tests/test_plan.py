@@ -29,8 +29,8 @@ def device_bytes(compiled) -> int:
     return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
 
 
-def abstract_model(mesh, **options):
-    model = nnx.eval_shape(lambda: InternLM2ForCausalLM(CONFIG, scan_layers=True, rngs=nnx.Rngs(0), **options))
+def abstract_model(mesh, scan=True, **options):
+    model = nnx.eval_shape(lambda: InternLM2ForCausalLM(CONFIG, scan_layers=scan, rngs=nnx.Rngs(0), **options))
     return model, lambda var: jax.ShapeDtypeStruct(var.get_value().shape, var.get_value().dtype,
                                                    sharding=param_sharding(var, mesh))
 
@@ -53,9 +53,9 @@ def compiled_train_step(mesh_spec, batch, T, remat, dtype):
         return train_step.lower(graphdef, params, rest, opt_state, batch_spec, optimizer=opt).compile()
 
 
-def compiled_prefill(mesh_spec, batch, T, dtype):
+def compiled_prefill(mesh_spec, batch, T, dtype, chunk=None, cache_dtype=None, scan=True, extra=16):
     mesh = make_mesh(mesh_spec)
-    model, place = abstract_model(mesh, dtype=dtype, param_dtype=dtype)
+    model, place = abstract_model(mesh, scan=scan, dtype=dtype, param_dtype=dtype)
     graphdef, state = nnx.split(model)
     state = jax.tree.map(place, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
     rows = named_sharding(mesh, ("batch",))
@@ -63,8 +63,8 @@ def compiled_prefill(mesh_spec, batch, T, dtype):
         return engine.prefill.lower(
             graphdef, state, jax.ShapeDtypeStruct((batch, T), jnp.int32, sharding=named_sharding(mesh, ("batch", None))),
             jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows), jnp.int32(T), None, jnp.int32(0),
-            jax.ShapeDtypeStruct((batch,), bool, sharding=rows), cache_len=T + 16,
-            cache_dtype=jnp.dtype(dtype), num_new=16, flags=SamplerFlags()).compile()
+            jax.ShapeDtypeStruct((batch,), bool, sharding=rows), cache_len=T + extra,
+            cache_dtype=jnp.dtype(cache_dtype or dtype), num_new=extra, flags=SamplerFlags(), chunk=chunk).compile()
 
 
 @pytest.mark.parametrize("mesh, batch, T, remat, dtype", [
@@ -89,6 +89,22 @@ def test_inference_plan_within_15_percent(mesh, batch, T, dtype):
     xla = device_bytes(compiled_prefill(mesh, batch, T, dtype))
     plan = plan_memory(CONFIG, mesh=mesh, batch=batch, context=T + 16, dtype=dtype, chunk=T, scan_layers=True)
     print(f"prefill {mesh} {batch}x{T}: plan {plan.total / 2**20:.0f} MiB, XLA {xla / 2**20:.0f} MiB")
+    assert abs(plan.total / xla - 1) <= 0.15
+
+
+@pytest.mark.parametrize("mesh, batch, T, chunk, cache", [
+    ("fsdp=8", 8, 16384, 1024, "float32"),
+    ("fsdp=4,context=2", 4, 16384, 2048, "float32"),
+    ("fsdp=8", 8, 16384, 1024, "int8"),
+])
+def test_long_context_plan_within_15_percent(mesh, batch, T, chunk, cache):
+    """Chunked prefill into a long cache (context axis, int8 cache), unrolled layers as in inference."""
+    xla = device_bytes(compiled_prefill(mesh, batch, T, "float32", chunk=chunk, cache_dtype=cache, scan=False,
+                                        extra=512))
+    plan = plan_memory(CONFIG, mesh=mesh, batch=batch, context=T + 512, dtype="float32", chunk=chunk,
+                       kv_cache_dtype=cache, scan_layers=False)
+    print(f"chunked prefill {mesh} {batch}x{T} chunk {chunk} {cache} cache: plan {plan.total / 2**20:.0f} MiB, "
+          f"XLA {xla / 2**20:.0f} MiB")
     assert abs(plan.total / xla - 1) <= 0.15
 
 

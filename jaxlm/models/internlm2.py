@@ -123,20 +123,14 @@ class InternLM2Model(nnx.Module):
         cos, sin = rope_cos_sin(positions, self.rope, base, self.options.dtype)
         x = constrain(self.tok_embeddings(input_ids), ACT)
 
-        def layer_fn(layer, h, extra):
-            return layer(h, cos, sin, mask, extra["cache"], write_slot, extra["key"])
+        def layer_fn(layer, h, key, cache):
+            return layer(h, cos, sin, mask, cache, write_slot, key)
 
-        L = self.num_layers
-        keys = None if dropout_key is None else jax.random.split(dropout_key, L)
-        if self.options.scan_layers:
-            per_layer = {"cache": kv_caches, "key": keys}
-        else:
-            per_layer = [{"cache": None if kv_caches is None else kv_caches[i],
-                          "key": None if keys is None else keys[i]} for i in range(L)]
-        x, new_caches = run_layers(self.layers, x, layer_fn, per_layer,
+        keys = None if dropout_key is None else jax.random.split(dropout_key, self.num_layers)
+        if keys is not None and not self.options.scan_layers:
+            keys = list(keys)
+        x, new_caches = run_layers(self.layers, x, layer_fn, per_layer=keys, caches=kv_caches,
                                    scanned=self.options.scan_layers, remat=self.options.remat)
-        if kv_caches is None:
-            new_caches = None
         return self.norm(x), new_caches
 
 

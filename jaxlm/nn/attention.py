@@ -144,20 +144,23 @@ def blockwise_attention(q, k, v, mask: AttentionMask, sm_scale=None, q_block: in
 
     def one_query_block(qi):
         qb = jax.lax.dynamic_slice_in_dim(q, qi * bq, bq, 1)                       # [B, bq, K, G, D]
-        qh = qb.transpose(0, 2, 3, 1, 4).astype(jnp.float32)                       # [B, K, G, bq, D]
+        qh = qb.transpose(0, 2, 3, 1, 4)                                            # [B, K, G, bq, D]
 
         def key_step(carry, ki):
+            # Operands stay in their dtype (float32 accumulation): an explicit upcast
+            # here is loop-invariant for XLA, which then upcasts the whole cache.
             m, l, acc = carry
-            kb = jax.lax.dynamic_slice_in_dim(k, ki * bk, bk, 1).astype(jnp.float32)  # [B, bk, K, D]
-            vb = jax.lax.dynamic_slice_in_dim(v, ki * bk, bk, 1).astype(jnp.float32)
-            s = jnp.einsum("BKGQD,BSKD->BKGQS", qh, kb) * scale
+            kb = jax.lax.dynamic_slice_in_dim(k, ki * bk, bk, 1)                   # [B, bk, K, D]
+            vb = jax.lax.dynamic_slice_in_dim(v, ki * bk, bk, 1)
+            s = jnp.einsum("BKGQD,BSKD->BKGQS", qh, kb, preferred_element_type=jnp.float32) * scale
             allowed = pad_mask.block(qi * bq, bq, ki * bk, bk)[:, None, None]      # [B,1,1,bq,bk]
             s = jnp.where(allowed, s, MASK_VALUE)
             m_new = jnp.maximum(m, s.max(-1))
             p = jnp.exp(s - m_new[..., None])
             correction = jnp.exp(m - m_new)
             l = l * correction + p.sum(-1)
-            acc = acc * correction[..., None] + jnp.einsum("BKGQS,BSKD->BKGQD", p, vb)
+            acc = acc * correction[..., None] + jnp.einsum("BKGQS,BSKD->BKGQD", p.astype(vb.dtype), vb,
+                                                           preferred_element_type=jnp.float32)
             return (m_new, l, acc), None
 
         init = (jnp.full((B, K, G, bq), -jnp.inf, jnp.float32), jnp.zeros((B, K, G, bq), jnp.float32),

@@ -1,0 +1,52 @@
+"""``jaxlm eval ppl|needle|passkey``: long-context evaluations.
+
+    jaxlm eval ppl --model DIR --data FILE --context N --stride S [--chunk C]
+    jaxlm eval needle --model DIR --lengths 4k,16k --depths 0,50,100 --out DIR
+    jaxlm eval passkey --model DIR --lengths 4k,16k --depths 0,50,100 --out DIR
+"""
+
+import json
+import sys
+
+
+def build_parser(parser):
+    sub = parser.add_subparsers(dest="eval_command", metavar="TASK", required=True)
+    ppl = sub.add_parser("ppl", help="sliding-window perplexity of a text file")
+    ppl.add_argument("--model", required=True)
+    ppl.add_argument("--tokenizer", default=None)
+    ppl.add_argument("--data", required=True, help="plain text, or JSONL with a 'text' field")
+    ppl.add_argument("--context", type=int, required=True, help="window length in tokens")
+    ppl.add_argument("--stride", type=int, required=True, help="tokens between window starts")
+    ppl.add_argument("--chunk", type=int, default=None, help="run each window in chunks of this many tokens")
+    ppl.add_argument("--dtype", default=None)
+    ppl.add_argument("--json", action="store_true")
+    from jaxlm.eval.needle import build_parser as needle_parser
+
+    needle_parser(sub.add_parser("needle", help="needle in a haystack (see python -m jaxlm.eval.needle)"))
+    passkey = needle_parser(sub.add_parser("passkey", help="passkey retrieval"))
+    passkey.set_defaults(passkey=True)
+    return parser
+
+
+def run(args) -> int:
+    if args.eval_command in ("needle", "passkey"):
+        from jaxlm.eval.needle import main_args
+
+        return main_args(args)
+    from jaxlm.cli_util import quiet_runtime_logs, user_errors
+
+    quiet_runtime_logs()
+    with user_errors():
+        from jaxlm import InternLM2ForCausalLM, InternLM2Tokenizer
+        from jaxlm.eval.ppl import perplexity, read_text
+
+        model = InternLM2ForCausalLM.from_pretrained(args.model, dtype=args.dtype)
+        tokenizer = InternLM2Tokenizer.from_pretrained(args.tokenizer or args.model)
+        result = perplexity(model, tokenizer.encode(read_text(args.data)), args.context, args.stride, args.chunk)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"perplexity {result['perplexity']:.4f} over {result['scored']} tokens "
+              f"({result['windows']} windows of {args.context}, stride {args.stride})")
+    print(f"{result['tokens']} tokens", file=sys.stderr)
+    return 0

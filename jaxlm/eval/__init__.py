@@ -1,0 +1,1 @@
+"""Long-context evaluations: needle in a haystack, passkey retrieval, sliding-window perplexity."""
