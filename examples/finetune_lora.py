@@ -29,7 +29,7 @@ def main():
     from jaxlm.train.trainer import train
 
     overrides = [f"steps={args.steps}", "lora.enabled=true", "lora.rank=16", "lora.alpha=32",
-                 "lora.dropout=0.0", "optimizer.learning_rate=1e-2", "mesh=fsdp=1"]
+                 "lora.dropout=0.0", "optimizer.learning_rate=1e-2"]
     if args.model:
         overrides.append(f"model.name={args.model}")
     cfg = load_experiment(args.config, overrides)

@@ -89,7 +89,7 @@ def iter_hf_tensors(src: str):
 def write_hf(src: str, dst: str, *, max_shard_size="5GB", overwrite=False, progress=None, transform=None) -> dict:
     """Streams ``src`` (HF or jaxlm) into HF safetensors at ``dst``; ``transform(name, array)``
     may rewrite each tensor (e.g. merging a LoRA adapter)."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # plain text bars (tqdm.auto wants ipywidgets in notebooks)
 
     max_bytes = parse_size(max_shard_size, "--max-shard-size")
     check_destination(dst, overwrite)

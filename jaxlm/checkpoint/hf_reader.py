@@ -271,7 +271,7 @@ class HFCheckpoint:
 
     def iter_jaxlm(self, dtype=None, progress: bool | None = None) -> Iterator[tuple[str, np.ndarray]]:
         """Yields ``(jaxlm_name, array)`` in jaxlm layout, one tensor at a time."""
-        from tqdm.auto import tqdm
+        from tqdm import tqdm  # plain text bars (tqdm.auto wants ipywidgets in notebooks)
 
         entries = self.validate()
         if progress is None:

@@ -153,7 +153,7 @@ def load_pretrained(cls, path: str, *, dtype=None, param_dtype=None, mesh=None,
         check_mesh_for_model(mesh, config)
     filler = _StateFiller(model, mesh)
     if reader is not None:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm  # plain text bars (tqdm.auto wants ipywidgets in notebooks)
 
         entries = reader.validate()
         for entry in tqdm(entries, desc=f"loading {os.path.basename(os.path.normpath(path))}",

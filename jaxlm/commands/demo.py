@@ -27,6 +27,8 @@ def run(args) -> int:
 
 
 def tiny_sft_config(steps: int):
+    import jax
+
     from jaxlm.assets import TINY_DIR
     from jaxlm.train.config import DataSection, ModelSection, TrainConfig
     from jaxlm.train.step import OptimizerConfig
@@ -37,8 +39,10 @@ def tiny_sft_config(steps: int):
                          eval_files=(os.path.join(TINY_DIR, "eval.jsonl"),), seq_len=128),
         optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=20, min_lr_ratio=0.05, weight_decay=0.01,
                                   b2=0.98),
-        steps=steps, global_batch=16, checkpoint_every=max(steps // 2, 1), keep_checkpoints=1,
-        log_every=20, eval_every=steps, mesh="fsdp=1").validate()
+        # every local device takes part (fsdp); the batch rounds up to a multiple of them
+        steps=steps, global_batch=-(-16 // jax.device_count()) * jax.device_count(),
+        checkpoint_every=max(steps // 2, 1), keep_checkpoints=1, log_every=20, eval_every=steps,
+        mesh="fsdp=-1").validate()
 
 
 def _demo(workdir: str, steps: int, progress: bool) -> int:

@@ -119,7 +119,7 @@ def evaluate(graphdef, trainable, frozen, eval_rows, batch_size, sharding) -> fl
 # --------------------------------------------------------------- the loop
 def train(cfg: TrainConfig, workdir: str, *, progress: bool = True, log=print) -> dict:
     import orbax.checkpoint as ocp
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # plain text bars (tqdm.auto wants ipywidgets in notebooks)
 
     from jaxlm.sharding import batch_multiple, make_mesh, named_sharding
 
