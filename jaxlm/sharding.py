@@ -153,7 +153,7 @@ def check_mesh_for_model(mesh, config) -> None:
 
 
 # ---------------------------------------------------------------- translation
-def _active_mesh_axes() -> dict[str, int]:
+def active_mesh_axes() -> dict[str, int]:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or getattr(mesh, "empty", True):
         return {}
@@ -169,7 +169,7 @@ def logical_to_spec(axes: Sequence[str | None], mesh_axes: "dict[str, int] | Seq
     """
     rules = dict(current_rules() if rules is None else rules)
     if mesh_axes is None:
-        mesh_axes = _active_mesh_axes()
+        mesh_axes = active_mesh_axes()
     sizes = dict(mesh_axes) if isinstance(mesh_axes, dict) else {a: None for a in mesh_axes}
     used: set[str] = set()
     spec = []
@@ -196,7 +196,7 @@ def named_sharding(mesh, axes: Sequence[str | None], shape: Sequence[int] | None
 
 def current_context_axis() -> str | None:
     """The mesh axis the cache slots are split over, when the active mesh splits them."""
-    sizes = _active_mesh_axes()
+    sizes = active_mesh_axes()
     target = dict(current_rules()).get("cache_length")
     names = () if target is None else (target,) if isinstance(target, str) else tuple(target)
     for name in names:
@@ -207,7 +207,7 @@ def current_context_axis() -> str | None:
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """`with_sharding_constraint` by logical names; a no-op outside a mesh."""
-    mesh_axes = _active_mesh_axes()
+    mesh_axes = active_mesh_axes()
     if not mesh_axes or all(v == 1 for v in mesh_axes.values()):
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, mesh_axes, shape=x.shape))

@@ -1,5 +1,5 @@
 """Long context: chunked prefill, rotary scaling over a generation, int8 cache,
-context parallelism, and the needle / passkey / perplexity tools."""
+and the needle / passkey / perplexity tools (context parallelism: test_context_parallel.py)."""
 
 import json
 import os
@@ -72,44 +72,6 @@ def test_kv_cache_dtypes_stay_within_documented_error(golden):
                              return_dict_in_generate=True, output_logits=True)
         assert np.abs(out["logits"][0] - ref["step_logits"]).max() <= bound, cache
         assert (out["sequences"][0, P:] == ref["greedy_ids"][0, P:]).all(), cache
-
-
-@pytest.mark.parametrize("spec", ["context=8", "data=2,context=4", "fsdp=2,tensor=2,context=2"])
-def test_context_parallel_equals_single_device(golden, spec):
-    path = str(golden("tiny_gqa"))
-    ref = np.load(golden("tiny_gqa") / "golden.npz")
-    prompt = np.random.default_rng(2).integers(3, 1000, (2, 45))
-    single = InternLM2ForCausalLM.from_pretrained(path).generate(prompt, max_new_tokens=8, eos_token_id=None)
-    for impl, scan in (("xla", False), ("pallas", True)):
-        model = InternLM2ForCausalLM.from_pretrained(path, mesh=make_mesh(spec), attention_impl=impl,
-                                                     scan_layers=scan)
-        logits = np.asarray(model(ref["input_ids"], ref["attention_mask"], chunk_size=16))
-        assert np.abs(logits - ref["logits"]).max() <= TOL
-        np.testing.assert_array_equal(model.generate(prompt, max_new_tokens=8, eos_token_id=None,
-                                                     prefill_chunk_size=16, kv_cache_dtype="float32"), single)
-
-
-def test_decode_merges_cache_shards_by_log_sum_exp():
-    """The context-parallel decode: each device's shard, merged by LSE, equals the whole cache."""
-    import jax
-    import jax.numpy as jnp
-
-    from jaxlm.nn.attention import attend_decode, xla_decode_attention
-    from jaxlm.sharding import current_context_axis, named_sharding
-
-    rng = np.random.default_rng(3)
-    B, S, K, G, D = 2, 64, 2, 2, 16
-    q = jnp.asarray(rng.standard_normal((B, K * G, D)), jnp.float32)
-    kc, vc = (jnp.asarray(rng.standard_normal((B, S, K, D)), jnp.float32) for _ in range(2))
-    lengths = jnp.asarray([5, 50], jnp.int32)  # row 0 lives on the first shard only
-    mesh = make_mesh("context=8")
-    with jax.set_mesh(mesh):
-        assert current_context_axis() == "context"
-        cache_sharding = named_sharding(mesh, ("batch", "cache_length", "act_kv_heads", None))
-        kc_s, vc_s = jax.device_put(kc, cache_sharding), jax.device_put(vc, cache_sharding)
-        assert kc_s.addressable_shards[0].data.shape[1] == S // 8
-        got = jax.jit(attend_decode)(q, kc_s, vc_s, lengths)
-    np.testing.assert_allclose(got, xla_decode_attention(q, kc, vc, lengths), atol=1e-5)
 
 
 class NeedleOracle:

@@ -126,7 +126,7 @@ class _StateFiller:
 
 def load_pretrained(cls, path: str, *, dtype=None, param_dtype=None, mesh=None,
                     scan_layers: bool = False, attention_impl: str = "auto", remat: str = "none",
-                    max_context: int | None = None, kv_cache_dtype=None):
+                    max_context: int | None = None, kv_cache_dtype=None, context_attention: str = "allgather"):
     """`InternLM2ForCausalLM.from_pretrained`: HF directory or jaxlm checkpoint."""
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a directory (expected an HF or jaxlm checkpoint)")
@@ -146,7 +146,7 @@ def load_pretrained(cls, path: str, *, dtype=None, param_dtype=None, mesh=None,
     model = nnx.eval_shape(lambda: cls(config, dtype=dtype, param_dtype=param_dtype,
                                        scan_layers=scan_layers, attention_impl=attention_impl,
                                        remat=remat, max_context=max_context, kv_cache_dtype=kv_cache_dtype,
-                                       rngs=nnx.Rngs(0)))
+                                       context_attention=context_attention, rngs=nnx.Rngs(0)))
     if mesh is not None:
         from jaxlm.sharding import check_mesh_for_model
 

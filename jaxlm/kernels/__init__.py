@@ -2,6 +2,6 @@
 
 from jaxlm.kernels.common import BLOCK_TABLE, BlockSizes, reference_attention, reference_decode
 from jaxlm.kernels.decode import decode_attention
-from jaxlm.kernels.flash import flash_attention
+from jaxlm.kernels.flash import flash_attention, flash_attention_with_lse
 
-__all__ = ["flash_attention", "decode_attention", "BlockSizes", "BLOCK_TABLE", "reference_attention", "reference_decode"]
+__all__ = ["flash_attention", "flash_attention_with_lse", "decode_attention", "BlockSizes", "BLOCK_TABLE", "reference_attention", "reference_decode"]

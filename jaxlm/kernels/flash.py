@@ -57,6 +57,32 @@ def flash_attention(q, k, v, *, causal: bool = True, segment_ids=None, sm_scale:
     key slot of query 0 instead of ``S - T``, and ``kv_segment_ids [B, S]``
     pairs with ``segment_ids [B, T]`` when T != S.
     """
+    args = _prepare(q, k, v, causal, segment_ids, sm_scale, block_sizes, interpret, backend, q_offset,
+                    kv_segment_ids)
+    return _flash(*args)[..., :q.shape[-1]]
+
+
+def flash_attention_with_lse(q, k, v, **kwargs):
+    """Forward only (no gradient): ``(out [B, T, Hq, D] float32, lse [B, T, Hq] float32)``.
+
+    Same arguments as `flash_attention`. The log-sum-exp lets partial results
+    over disjoint key sets be merged exactly (ring attention); a row that
+    reads no key gets lse <= MASK_VALUE + log(S), so it weighs nothing there.
+    """
+    q_arg, k_arg, v_arg, seg, kv_seg, offset, causal, scale, sizes, family, interpret = _prepare(q, k, v, **kwargs)
+    T, S = q.shape[1], k.shape[1]
+    bq, bk, T_pad, S_pad = _plan(T, S, sizes, family, False)
+    qp, kp, vp, qs, ks = _pad(q_arg, k_arg, v_arg, seg, kv_seg, T_pad, S_pad)
+    out, lse = _module(family).forward(qp, kp, vp, qs, ks, scale=scale, causal=causal, offset=offset,
+                                       kv_len=S, block_q=bq, block_k=bk, interpret=interpret)
+    if lse.ndim == 4:  # the TPU kernel keeps a 128-lane copy
+        lse = lse[..., 0]
+    return out[:, :T, :, :q.shape[-1]].astype(jnp.float32), jnp.swapaxes(lse, 1, 2)[:, :T]
+
+
+def _prepare(q, k, v, causal=True, segment_ids=None, sm_scale=None, block_sizes=None, interpret=None,
+             backend=None, q_offset=None, kv_segment_ids=None):
+    """Checked, head-padded operands and the static kernel choices, in `_flash`'s argument order."""
     check_inputs(q, k, v, segment_ids if kv_segment_ids is None else None, causal and q_offset is None)
     family, interpret = _kind(interpret, backend)
     D = q.shape[-1]
@@ -67,7 +93,7 @@ def flash_attention(q, k, v, *, causal: bool = True, segment_ids=None, sm_scale:
     kv_seg = seg if kv_segment_ids is None or seg is None else kv_segment_ids.astype(jnp.int32)
     offset = jnp.asarray(k.shape[1] - q.shape[1] if q_offset is None else q_offset, jnp.int32)
     q, k, v = (pad_axis(x, 3, Dk) for x in (q, k, v))
-    return _flash(q, k, v, seg, kv_seg, offset, causal, float(scale), sizes, family, interpret)[..., :D]
+    return q, k, v, seg, kv_seg, offset, causal, float(scale), sizes, family, interpret
 
 
 def _plan(T, S, sizes: BlockSizes, family: str, backward: bool):

@@ -47,6 +47,7 @@ class InternLM2Attention(nnx.Module):
                          cfg.q_per_kv, cfg.head_dim)
         self.group = G
         self.impl = opts.attention_impl
+        self.context_attention = opts.context_attention
         kw = dict(init_std=cfg.initializer_range, dtype=opts.dtype, param_dtype=opts.param_dtype, rngs=rngs)
         # C indexes the slots of a kv group: queries 0..G-1, key G, value G+1.
         self.wqkv = Projection("BTE,KCDE->BTKCD", (K, G + 2, D, E), ("kv_heads", "qkv", "head_dim", "embed"),
@@ -71,7 +72,8 @@ class InternLM2Attention(nnx.Module):
                 out = attend_decode(q.reshape(B, -1, q.shape[-1]), k_all, v_all, write_slot + 1, self.impl)
                 return self.wo(out.reshape(B, 1, -1, out.shape[-1])), new_cache
             k, v = kv_cache_lib.read(new_cache, q.dtype, mask.kv_len)
-        out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.impl)   # [B, T, K, G, D]
+        out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.impl,
+                     self.context_attention)                     # [B, T, K, G, D]
         out = out.reshape(B, T, -1, out.shape[-1])               # [B, T, H, D], head = k*G + g
         return self.wo(out, k_wo), new_cache
 
@@ -139,11 +141,12 @@ class InternLM2ForCausalLM(GenerationMixin, nnx.Module):
 
     def __init__(self, config: InternLM2Config, *, dtype=jnp.float32, param_dtype=jnp.float32,
                  scan_layers: bool = False, attention_impl: str = "auto", remat: str = "none",
-                 max_context: int | None = None, kv_cache_dtype=None, rngs: nnx.Rngs | None = None):
+                 max_context: int | None = None, kv_cache_dtype=None, context_attention: str = "allgather",
+                 rngs: nnx.Rngs | None = None):
         self.config = config
         self.options = ModelOptions(dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers,
                                     attention_impl=attention_impl, remat=remat, max_context=max_context,
-                                    kv_cache_dtype=kv_cache_dtype)
+                                    kv_cache_dtype=kv_cache_dtype, context_attention=context_attention)
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.model = InternLM2Model(config, self.options, rngs=rngs)
         if not config.tie_word_embeddings:
@@ -249,7 +252,8 @@ def _jitted_forward(graphdef, state, input_ids, attention_mask, position_ids, se
 
 
 def _from_pretrained(cls, path, *, dtype=None, param_dtype=None, mesh=None, scan_layers=False,
-                     attention_impl="auto", remat="none", max_context=None, kv_cache_dtype=None):
+                     attention_impl="auto", remat="none", max_context=None, kv_cache_dtype=None,
+                     context_attention="allgather"):
     """Loads an HF InternLM2 directory or a jaxlm checkpoint.
 
     ``param_dtype`` defaults to the stored dtype and ``dtype`` (compute) to
@@ -259,7 +263,8 @@ def _from_pretrained(cls, path, *, dtype=None, param_dtype=None, mesh=None, scan
 
     return load_pretrained(cls, path, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
                            scan_layers=scan_layers, attention_impl=attention_impl, remat=remat,
-                           max_context=max_context, kv_cache_dtype=kv_cache_dtype)
+                           max_context=max_context, kv_cache_dtype=kv_cache_dtype,
+                           context_attention=context_attention)
 
 
 def _save_pretrained(self, dst, *, overwrite=False, source_dir=None):

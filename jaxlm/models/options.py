@@ -10,6 +10,7 @@ from jaxlm.errors import ConfigError
 
 ATTENTION_IMPLS = ("auto", "xla", "pallas", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots_saveable")
+CONTEXT_ATTENTION = ("ring", "allgather", "xla")   # prefill on a context axis: jaxlm.nn.context_parallel
 
 
 def as_dtype(value, what: str = "dtype"):
@@ -39,6 +40,7 @@ class ModelOptions:
     remat: str = "none"
     max_context: int | None = None       # longest prompt + new tokens generate accepts
     kv_cache_dtype: object = None        # None: the compute dtype; or bfloat16, float32, int8
+    context_attention: str = "allgather"  # prefill on a context mesh axis; "xla" when differentiating
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", as_dtype(self.dtype, "dtype"))
@@ -49,5 +51,8 @@ class ModelOptions:
                 raise ConfigError(f"{name}: unsupported dtype {value}; use float32 or bfloat16")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ConfigError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        if self.context_attention not in CONTEXT_ATTENTION:
+            raise ConfigError(f"context_attention must be one of {CONTEXT_ATTENTION}, "
+                              f"got {self.context_attention!r}")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")

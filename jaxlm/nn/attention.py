@@ -116,7 +116,7 @@ def _attend(q, k, v, mask, sm_scale=None):
 
 
 def blockwise_attention(q, k, v, mask: AttentionMask, sm_scale=None, q_block: int = Q_BLOCK,
-                        k_block: int = K_BLOCK):
+                        k_block: int = K_BLOCK, return_lse: bool = False):
     """Flash-style attention in XLA: query blocks x key blocks with an online softmax.
 
     Peak memory is one ``[B, H, q_block, k_block]`` score tile per step; each
@@ -125,6 +125,10 @@ def blockwise_attention(q, k, v, mask: AttentionMask, sm_scale=None, q_block: in
     trip count keeps it differentiable. With a traced offset (chunked prefill
     against a cache, inference only) a query block stops at its causal edge,
     so a chunk costs O(chunk x its own context), not O(chunk x cache).
+
+    ``return_lse`` also returns the log-sum-exp of each row's scores
+    ``[B, T, K, G]`` with a float32 output, for merging partial results
+    (context parallelism); a row that visited no key has output 0, lse -inf.
     """
     B, T, K, G, D = q.shape
     S = k.shape[1]
@@ -171,14 +175,18 @@ def blockwise_attention(q, k, v, mask: AttentionMask, sm_scale=None, q_block: in
             m, l, acc = jax.lax.fori_loop(0, needed, lambda ki, c: key_step(c, ki)[0], init)
         else:
             (m, l, acc), _ = jax.lax.scan(key_step, init, jnp.arange(nk))
-        out = acc / l[..., None]
-        return out.transpose(0, 3, 1, 2, 4).astype(q.dtype)                       # [B, bq, K, G, D]
+        out = acc / jnp.where(l > 0, l, 1.0)[..., None]     # l == 0: no key visited (past the causal edge)
+        out = out.transpose(0, 3, 1, 2, 4)                                          # [B, bq, K, G, D]
+        if not return_lse:
+            return out.astype(q.dtype)
+        lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
+        return out, lse.transpose(0, 3, 1, 2)                                       # [B, bq, K, G]
 
     if not dynamic_edge:
         one_query_block = jax.checkpoint(one_query_block)
-    blocks = jax.lax.map(one_query_block, jnp.arange(nq))                          # [nq, B, bq, K, G, D]
-    out = jnp.moveaxis(blocks, 0, 1).reshape(B, nq * bq, K, G, D)
-    return out[:, :T]
+    blocks = jax.lax.map(one_query_block, jnp.arange(nq))                          # [nq, B, bq, ...]
+    unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape((B, nq * bq) + x.shape[3:])[:, :T]
+    return jax.tree.map(unblock, blocks)
 
 
 def _pad_to(x, length: int, value):
@@ -251,10 +259,23 @@ def _flash_args(mask: AttentionMask, T: int):
     return dict(causal=mask.causal, segment_ids=q_seg, kv_segment_ids=kv_seg, q_offset=None if static else offset)
 
 
-def attend(q, k, v, mask: AttentionMask, impl: str = "xla"):
-    """``q [B,T,K,G,D]``, ``k/v [B,S,K,D]`` -> ``[B,T,K,G,D]`` with the chosen implementation."""
+def attend(q, k, v, mask: AttentionMask, impl: str = "xla", context: str = "xla"):
+    """``q [B,T,K,G,D]``, ``k/v [B,S,K,D]`` -> ``[B,T,K,G,D]`` with the chosen implementation.
+
+    ``context`` is the strategy on a mesh whose ``context`` axis splits the
+    sequence: ``"ring"``, ``"allgather"`` (inference only) or ``"xla"`` (the
+    partitioner decides; differentiable); see `jaxlm.nn.context_parallel`.
+    """
     impl = resolve_impl(impl)
     B, T, K, G, D = q.shape
+    if context != "xla" and T > 1:
+        from jaxlm.nn.context_parallel import prefill_attention
+        from jaxlm.sharding import current_context_axis
+
+        axis = current_context_axis()
+        out = prefill_attention(q, k, v, mask, axis, impl, context) if axis else None
+        if out is not None:
+            return out
     args = None if impl == "xla" else _flash_args(mask, T)
     if args is None:
         return xla_attention(q, k, v, mask)
@@ -274,47 +295,12 @@ def attend_decode(q, k_cache, v_cache, lengths, impl: str = "xla"):
 
     On a mesh with a ``context`` axis (the cache split along its slots), each
     device attends to its own slots and the partial results are merged by
-    log-sum-exp across the axis: only ``[B, H, D]`` outputs travel, never the cache.
+    log-sum-exp across the axis (`jaxlm.nn.context_parallel`).
     """
+    from jaxlm.nn import context_parallel
     from jaxlm.sharding import current_context_axis
 
-    if current_context_axis():
-        return _context_parallel_decode(q, k_cache, v_cache, lengths, impl)
-    return _decode_with_lse(q, k_cache, v_cache, lengths, impl)[0].astype(q.dtype)
-
-
-def _decode_with_lse(q, k_cache, v_cache, lengths, impl):
-    if resolve_impl(impl) == "xla":
-        return xla_decode_attention(q, k_cache, v_cache, lengths, return_lse=True)
-    from jaxlm.kernels import decode_attention
-
-    return decode_attention(q, k_cache, v_cache, lengths, return_lse=True)
-
-
-def _context_parallel_decode(q, k_cache, v_cache, lengths, impl):
-    from jax.sharding import PartitionSpec
-
-    from jaxlm.sharding import logical_to_spec
-
-    def spec(axes, x):
-        return logical_to_spec(axes, shape=x.shape)
-
-    q_spec = spec(("batch", "act_heads", None), q)
-    cache_spec = spec(("batch", "cache_length", "act_kv_heads", None), k_cache)
-    len_spec = spec(("batch",), lengths)
-    axis = cache_spec[1]
-    if axis is None:  # the slots do not divide over the axis: let XLA handle it
-        return _decode_with_lse(q, k_cache, v_cache, lengths, impl)[0].astype(q.dtype)
-
-    def local(q, kc, vc, lengths):
-        shard = jax.lax.axis_index(axis)
-        local_len = jnp.clip(lengths - shard * kc.shape[1], 0, kc.shape[1])
-        out, lse = _decode_with_lse(q, kc, vc, local_len, impl)               # [B, H, D], [B, H]
-        m = jax.lax.pmax(lse, axis)
-        m = jnp.where(jnp.isfinite(m), m, 0.0)
-        w = jnp.exp(lse - m)                                                    # 0 for an empty shard
-        total = jax.lax.psum(w, axis)
-        return (jax.lax.psum(w[..., None] * out.astype(jnp.float32), axis) / total[..., None]).astype(q.dtype)
-
-    return jax.shard_map(local, in_specs=(q_spec, cache_spec, cache_spec, len_spec), out_specs=q_spec,
-                         check_vma=False)(q, k_cache, v_cache, lengths)
+    axis = current_context_axis()
+    if axis:
+        return context_parallel.decode_attention(q, k_cache, v_cache, lengths, axis, impl)
+    return context_parallel.decode_with_lse(q, k_cache, v_cache, lengths, impl)[0].astype(q.dtype)
