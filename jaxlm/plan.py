@@ -127,13 +127,19 @@ def plan_memory(config, *, mesh=None, batch: int = 1, context: int = 2048, train
                 dtype="bfloat16", param_dtype=None, remat: str = "full", lora_rank: int = 16,
                 lora_targets=LORA_TARGETS, kv_cache_dtype=None, chunk: int | None = None,
                 device: str | int | None = None, headroom: float = 0.9,
-                scan_layers: bool | None = None) -> MemoryPlan:
+                scan_layers: bool | None = None, context_attention: str = "allgather") -> MemoryPlan:
     """Bytes per device for one run.
 
     ``train=None`` plans inference of a ``context``-token prompt (KV cache of
     ``context`` tokens, prefill in chunks of ``chunk`` tokens when given);
     ``train="full"|"lora"`` plans a training step on ``batch`` x ``context`` tokens.
     ``scan_layers`` defaults to True for training and False for inference.
+    ``context_attention`` is the prefill strategy on a context axis (see
+    `jaxlm.nn.context_parallel`): what one layer's attention holds of the K/V.
+
+    Activations are planned in the compute dtype, as GPUs and TPUs run it;
+    XLA:CPU computes bfloat16 in float32, so a bfloat16 run on CPU can use up
+    to twice the planned activations.
     """
     from flax import nnx
 
@@ -245,11 +251,24 @@ def plan_memory(config, *, mesh=None, batch: int = 1, context: int = 2048, train
             cache_per_token += 2 * L * K * 4 / k_shards  # float32 scale per token and head
         kv_cache = int(b * _split(context, context_par) * cache_per_token)
         q_tokens = min(chunk or context, context)
-        # One forward of q_tokens through one layer (XLA gathers a context-split
-        # sequence for attention, so the whole chunk counts): q/k/v, the MLP
-        # hidden, float32 norm/residual copies; then the attention scores, dense
-        # for short sequences, one 512 x 512 tile per step beyond.
-        layer_live = b * q_tokens * ((3 * E + 2 * qkv + 3 * i_loc) * a + 2 * E * 4)
+        kv_per_token = 2 * k_loc * D * a                      # one layer's K and V, as attention reads them
+        explicit = (context_par > 1 and context_attention in ("allgather", "ring") and 2 * q_tokens <= context
+                    and q_tokens % context_par == 0)
+        if explicit:
+            # Chunked prefill on a context axis: the chunk's tokens stay split over
+            # the axis; the all-gather brings a whole layer's K/V to every device,
+            # the ring two shards of it.
+            q_tokens //= context_par
+            attention_kv = b * kv_per_token * (context if context_attention == "allgather" else 2 * t)
+        else:
+            # One-shot prefill, or XLA's partitioner (which gathers the whole
+            # chunk): the whole chunk's activations count. Fitted to XLA's
+            # buffers (tests/test_plan.py); not re-derived per strategy.
+            attention_kv = 0
+        # One forward of q_tokens through one layer: q/k/v, the MLP hidden,
+        # float32 norm/residual copies; then the attention scores, dense for
+        # short sequences, one 512 x 512 tile per step beyond.
+        layer_live = b * q_tokens * ((3 * E + 2 * qkv + 3 * i_loc) * a + 2 * E * 4) + attention_kv
         if q_tokens * context <= DENSE_LIMIT:
             scores = b * h_loc * q_tokens * context * 4 * 0.31
         else:

@@ -123,6 +123,15 @@ def test_needle_cli_and_ppl_on_the_tiny_model(tmp_path):
     summary = json.loads((tmp_path / "needle" / "results.json").read_text())
     assert len(summary["results"]) == 6 and {r["length"] for r in summary["results"]} == {1000, 2000}
     assert (tmp_path / "needle" / "heatmap.png").stat().st_size > 1000
+    # the same cases on a context axis of 2 devices, ring prefill: the same replies
+    ring = subprocess.run([sys.executable, "-m", "jaxlm.eval.needle", "--model", str(model_dir), "--lengths", "1k,2k",
+                           "--depths", "0,50,100", "--out", str(tmp_path / "ring"), "--chunk", "256",
+                           "--mesh", "context=2", "--context-attention", "ring"],
+                          capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+    assert ring.returncode == 0, ring.stderr[-2000:]
+    ring_summary = json.loads((tmp_path / "ring" / "results.json").read_text())
+    assert [r["reply"] for r in ring_summary["results"]] == [r["reply"] for r in summary["results"]]
     # sliding-window perplexity: chunked windows give the same number, every token scored once
     from jaxlm.eval.ppl import perplexity
 

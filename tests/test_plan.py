@@ -53,9 +53,10 @@ def compiled_train_step(mesh_spec, batch, T, remat, dtype):
         return train_step.lower(graphdef, params, rest, opt_state, batch_spec, optimizer=opt).compile()
 
 
-def compiled_prefill(mesh_spec, batch, T, dtype, chunk=None, cache_dtype=None, scan=True, extra=16):
+def compiled_prefill(mesh_spec, batch, T, dtype, chunk=None, cache_dtype=None, scan=True, extra=16,
+                     context_attention="allgather"):
     mesh = make_mesh(mesh_spec)
-    model, place = abstract_model(mesh, scan=scan, dtype=dtype, param_dtype=dtype)
+    model, place = abstract_model(mesh, scan=scan, dtype=dtype, param_dtype=dtype, context_attention=context_attention)
     graphdef, state = nnx.split(model)
     state = jax.tree.map(place, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
     rows = named_sharding(mesh, ("batch",))
@@ -92,17 +93,19 @@ def test_inference_plan_within_15_percent(mesh, batch, T, dtype):
     assert abs(plan.total / xla - 1) <= 0.15
 
 
-@pytest.mark.parametrize("mesh, batch, T, chunk, cache", [
-    ("fsdp=8", 8, 16384, 1024, "float32"),
-    ("fsdp=4,context=2", 4, 16384, 2048, "float32"),
-    ("fsdp=8", 8, 16384, 1024, "int8"),
+@pytest.mark.parametrize("mesh, batch, T, chunk, cache, strategy", [
+    ("fsdp=8", 8, 16384, 1024, "float32", "allgather"),
+    ("fsdp=4,context=2", 4, 16384, 2048, "float32", "allgather"),
+    ("fsdp=8", 8, 16384, 1024, "int8", "allgather"),
+    ("context=8", 1, 32768, 2048, "float32", "allgather"),
+    ("context=8", 1, 32768, 2048, "float32", "ring"),
 ])
-def test_long_context_plan_within_15_percent(mesh, batch, T, chunk, cache):
-    """Chunked prefill into a long cache (context axis, int8 cache), unrolled layers as in inference."""
+def test_long_context_plan_within_15_percent(mesh, batch, T, chunk, cache, strategy):
+    """Chunked prefill into a long cache (context axis and its two strategies, int8 cache), unrolled layers."""
     xla = device_bytes(compiled_prefill(mesh, batch, T, "float32", chunk=chunk, cache_dtype=cache, scan=False,
-                                        extra=512))
+                                        extra=512, context_attention=strategy))
     plan = plan_memory(CONFIG, mesh=mesh, batch=batch, context=T + 512, dtype="float32", chunk=chunk,
-                       kv_cache_dtype=cache, scan_layers=False)
+                       kv_cache_dtype=cache, scan_layers=False, context_attention=strategy)
     print(f"chunked prefill {mesh} {batch}x{T} chunk {chunk} {cache} cache: plan {plan.total / 2**20:.0f} MiB, "
           f"XLA {xla / 2**20:.0f} MiB")
     assert abs(plan.total / xla - 1) <= 0.15
@@ -138,5 +141,13 @@ def test_plan_cli_verdicts():
                 "--train", "full", "--device-memory", "95GiB", "--json")
     out = json.loads(yes.stdout)
     assert yes.returncode == 0 and out["fits"] is True and out["optimizer"] == 2 * out["gradients"]
+    # 200K tokens on a context axis of 8: the ring holds two K/V shards, the all-gather a whole layer
+    long = {s: json.loads(jaxlm("plan", "--preset", "internlm2-chat-7b", "--mesh", "context=8", "--context", "200000",
+                                "--chunk", "8192", "--context-attention", s, "--device", "v5p", "--json").stdout)
+            for s in ("allgather", "ring")}
+    layer_kv = 2 * 200000 * 8 * 128 * 2  # K and V of one layer in bfloat16
+    assert long["allgather"]["activations"] - long["ring"]["activations"] == pytest.approx(
+        layer_kv * (1 - 2 / 8), rel=0.01)
+    assert long["ring"]["kv_cache"] == long["allgather"]["kv_cache"]
     bad = jaxlm("plan", "--preset", "internlm2-7b", "--mesh", "tensor=3")
     assert bad.returncode == 1 and "valid tensor sizes: 1, 2, 4, 8" in bad.stderr

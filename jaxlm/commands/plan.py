@@ -22,6 +22,8 @@ def build_parser(parser):
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--kv-cache-dtype", default=None, help="bfloat16 (default: --dtype) or int8")
     parser.add_argument("--chunk", type=int, default=None, help="prefill chunk size (inference)")
+    parser.add_argument("--context-attention", choices=["allgather", "ring", "xla"], default="allgather",
+                        help="prefill strategy on a context mesh axis (default allgather)")
     parser.add_argument("--scan-layers", choices=["on", "off"], default=None,
                         help="layers under lax.scan (default: on for training, off for inference)")
     mem = parser.add_mutually_exclusive_group()
@@ -45,6 +47,7 @@ def run(args) -> int:
             dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat, lora_rank=args.lora_rank,
             kv_cache_dtype=args.kv_cache_dtype, chunk=args.chunk,
             device=args.device or args.device_memory, headroom=args.headroom,
+            context_attention=args.context_attention,
             scan_layers=None if args.scan_layers is None else args.scan_layers == "on")
     if args.json:
         print(json.dumps(plan.as_dict()))

@@ -1,7 +1,7 @@
 """Needle in a haystack (and passkey retrieval), scored by exact match, with a heatmap.
 
     python -m jaxlm.eval.needle --model DIR --lengths 4k,16k,64k,128k,200k \\
-        --depths 0,25,50,75,100 --out DIR [--passkey] [--chunk 4096] [--mesh context=8]
+        --depths 0,25,50,75,100 --out DIR [--passkey] [--chunk 4096] [--mesh context=8 [--context-attention ring]]
 
 For every (length, depth): a prompt of that many tokens (model's tokenizer,
 within 1%) with a fact at that depth, then greedy decoding; the score is 1
@@ -94,6 +94,8 @@ def build_parser(parser=None):
     parser.add_argument("--passkey", action="store_true", help="the passkey-retrieval variant")
     parser.add_argument("--chunk", type=int, default=4096, help="prefill chunk size (0: no chunking)")
     parser.add_argument("--mesh", default=None, help="e.g. context=8 or fsdp=2,context=4")
+    parser.add_argument("--context-attention", choices=["allgather", "ring"], default="allgather",
+                        help="prefill strategy on a context axis (default allgather; ring holds less K/V)")
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--kv-cache-dtype", default=None, help="bfloat16, float32 or int8")
     parser.add_argument("--max-new-tokens", type=int, default=24)
@@ -117,7 +119,8 @@ def main_args(args) -> int:
             raise JaxlmError("--lengths and --depths need at least one value each")
         mesh = make_mesh(args.mesh) if args.mesh else None
         model = InternLM2ForCausalLM.from_pretrained(args.model, dtype=args.dtype, mesh=mesh,
-                                                     max_context=max(lengths) + args.max_new_tokens + 64)
+                                                     max_context=max(lengths) + args.max_new_tokens + 64,
+                                                     context_attention=args.context_attention)
         tokenizer = InternLM2Tokenizer.from_pretrained(args.tokenizer or args.model)
         log = lambda m: print(m, file=sys.stderr, flush=True)
         results = run(model, tokenizer, lengths, depths, passkey=args.passkey, chunk=args.chunk or None,

@@ -168,7 +168,8 @@ class GenerationMixin:
         estimate = plan_memory(self.config, mesh=mesh, batch=plan.aligned.shape[0], context=plan.cache_len,
                                dtype=self.options.dtype, param_dtype=self.options.param_dtype,
                                kv_cache_dtype=plan.cache_dtype, chunk=plan.chunk or plan.aligned.shape[1],
-                               scan_layers=self.options.scan_layers, device=int(limit), headroom=0.95)
+                               scan_layers=self.options.scan_layers, device=int(limit), headroom=0.95,
+                               context_attention=self.options.context_attention)
         if estimate.fits is False:
             tips = "; ".join(n for n in estimate.notes if n.startswith("try")) or "use a larger mesh"
             raise JaxlmError(
