@@ -2,24 +2,27 @@
 
 Each device holds one contiguous shard of the key slots (the KV cache is
 ``[B, S, K, D]`` split along S) and, during prefill, one shard of the
-queries. Three ways to attend, chosen by the shape of the work:
+queries. The ways to attend, by the shape of the work:
 
 - Decode (one query per row), `decode_attention`: each device attends to its
   own cache slots and the partial outputs are merged by log-sum-exp across
   the axis. Only ``[B, H, D]`` outputs travel, never the cache.
-- Prefill, ``"allgather"`` (the default): nothing here; XLA's partitioner
-  gathers K/V along the axis, so every device holds the whole (prefix of the)
-  sequence's K/V for one layer at a time and attends its own queries to it.
-- Prefill, ``"ring"``, `ring_attention`: queries stay put and the K/V shards
-  travel around the ring (``ppermute``), n steps for n devices; each step's
-  partial result is merged by log-sum-exp. A device never holds more than two
-  K/V shards, and each step's transfer can overlap the previous step's math.
+- Prefill, ``"allgather"`` (the default), `prefill_attention`: each device
+  gathers the layer's K/V along the axis and attends its own queries to it.
+- Prefill, ``"ring"``, `prefill_attention`: queries stay put and the K/V
+  shards travel around the ring (``ppermute``), n steps for n devices, each
+  step's partial result merged by log-sum-exp. A device holds at most two K/V
+  shards, and each step's transfer can overlap that step's math.
+- ``"xla"``: none of the above; the layout is left to XLA's partitioner,
+  which gathers the queries too and repeats the attention on every device.
 
-`benchmarks/context_parallel.py` measures the two prefill strategies
-(memory per device, bytes moved, time); see `benchmarks/RESULTS.md`.
-Both are inference paths here: ring steps skip key blocks past the causal
-edge with a data-dependent loop, which has no reverse-mode derivative, so
-training with a context axis uses the all-gather.
+`benchmarks/context_parallel.py` measures the three (memory per device,
+collectives, time); see `benchmarks/RESULTS.md`. These are written as
+explicit `shard_map` programs because the partitioner, left alone, does the
+redundant work above. Both explicit strategies are inference paths: their
+attention skips key blocks past the causal edge with a data-dependent loop,
+which has no reverse-mode derivative (nor has the kernel's log-sum-exp
+variant a VJP), so training on a context axis uses ``"xla"``.
 """
 
 from __future__ import annotations
