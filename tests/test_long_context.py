@@ -12,7 +12,6 @@ import pytest
 
 from conftest import REPO
 from jaxlm import InternLM2ForCausalLM, InternLM2Tokenizer
-from jaxlm.sharding import make_mesh
 
 TOL = 1e-4
 
