@@ -40,7 +40,7 @@ class ModelOptions:
     remat: str = "none"
     max_context: int | None = None       # longest prompt + new tokens generate accepts
     kv_cache_dtype: object = None        # None: the compute dtype; or bfloat16, float32, int8
-    context_attention: str = "allgather"  # prefill on a context mesh axis; "xla" when differentiating
+    context_attention: str = "allgather"  # attention on a context mesh axis: allgather, ring or xla
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", as_dtype(self.dtype, "dtype"))

@@ -121,10 +121,10 @@ def blockwise_attention(q, k, v, mask: AttentionMask, sm_scale=None, q_block: in
 
     Peak memory is one ``[B, H, q_block, k_block]`` score tile per step; each
     query block is rematerialized in the backward pass. With a static query
-    offset (training, one-shot prefill) every key block is visited: a fixed
-    trip count keeps it differentiable. With a traced offset (chunked prefill
-    against a cache, inference only) a query block stops at its causal edge,
-    so a chunk costs O(chunk x its own context), not O(chunk x cache).
+    offset (training, one-shot prefill) every key block is visited. With a
+    traced offset (chunked prefill against a cache, context-parallel shards) a
+    query block skips the key blocks past its causal edge, so a chunk costs
+    O(chunk x its own context), not O(chunk x cache). Both are differentiable.
 
     ``return_lse`` also returns the log-sum-exp of each row's scores
     ``[B, T, K, G]`` with a float32 output, for merging partial results
@@ -172,7 +172,11 @@ def blockwise_attention(q, k, v, mask: AttentionMask, sm_scale=None, q_block: in
         if dynamic_edge:
             last_slot = jnp.max(jnp.asarray(mask.q_offset)) + (qi + 1) * bq - 1
             needed = jnp.minimum(nk, last_slot // bk + 1)
-            m, l, acc = jax.lax.fori_loop(0, needed, lambda ki, c: key_step(c, ki)[0], init)
+            # A fixed trip count with the blocks past the edge skipped by `cond`
+            # (not a loop bounded by `needed`): reverse-mode differentiable.
+            skip_past_edge = lambda c, ki: (jax.lax.cond(ki < needed, lambda c: key_step(c, ki)[0],
+                                                         lambda c: c, c), None)
+            (m, l, acc), _ = jax.lax.scan(skip_past_edge, init, jnp.arange(nk))
         else:
             (m, l, acc), _ = jax.lax.scan(key_step, init, jnp.arange(nk))
         out = acc / jnp.where(l > 0, l, 1.0)[..., None]     # l == 0: no key visited (past the causal edge)
@@ -182,9 +186,7 @@ def blockwise_attention(q, k, v, mask: AttentionMask, sm_scale=None, q_block: in
         lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
         return out, lse.transpose(0, 3, 1, 2)                                       # [B, bq, K, G]
 
-    if not dynamic_edge:
-        one_query_block = jax.checkpoint(one_query_block)
-    blocks = jax.lax.map(one_query_block, jnp.arange(nq))                          # [nq, B, bq, ...]
+    blocks = jax.lax.map(jax.checkpoint(one_query_block), jnp.arange(nq))                          # [nq, B, bq, ...]
     unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape((B, nq * bq) + x.shape[3:])[:, :T]
     return jax.tree.map(unblock, blocks)
 

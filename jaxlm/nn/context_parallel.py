@@ -19,10 +19,10 @@ queries. The ways to attend, by the shape of the work:
 `benchmarks/context_parallel.py` measures the three (memory per device,
 collectives, time); see `benchmarks/RESULTS.md`. These are written as
 explicit `shard_map` programs because the partitioner, left alone, does the
-redundant work above. Both explicit strategies are inference paths: their
-attention skips key blocks past the causal edge with a data-dependent loop,
-which has no reverse-mode derivative (nor has the kernel's log-sum-exp
-variant a VJP), so training on a context axis uses ``"xla"``.
+redundant work above. The all-gather is differentiable with either
+attention implementation (training on a context axis uses it); the ring is
+differentiable with ``attention_impl="xla"``, while its Pallas step (the
+kernel's log-sum-exp variant) has no VJP and serves inference only.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxlm.nn.attention import AttentionMask, _flash_args, blockwise_attention, resolve_impl, xla_decode_attention
+from jaxlm.nn.attention import (AttentionMask, _flash_args, attend, blockwise_attention, resolve_impl,
+                                xla_decode_attention)
 from jaxlm.sharding import active_mesh_axes, logical_to_spec
 
 STRATEGIES = ("ring", "allgather", "xla")
@@ -107,8 +108,7 @@ def prefill_attention(q, k, v, mask: AttentionMask, axis: str, impl: str = "xla"
         if strategy == "allgather":
             gather = lambda x: jax.lax.all_gather(x, axis, axis=1, tiled=True)
             k, v, kvx = gather(k), gather(v), jax.tree.map(gather, kvx)
-            out, _ = partial_attention(q, k, v, shard_mask(0, k.shape[1], kvx), impl)
-            return out.astype(q.dtype)
+            return attend(q, k, v, shard_mask(0, k.shape[1], kvx), impl)     # the flash kernel has a VJP
         return _ring(q, k, v, kvx, shard_mask, axis, n, impl)
 
     return jax.shard_map(local, in_specs=(q_spec, kv_spec, kv_spec, specs(q_side), specs(kv_side)),

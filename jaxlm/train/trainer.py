@@ -53,11 +53,7 @@ def build_model(cfg: TrainConfig, mesh):
 
     m = cfg.model
     options = dict(dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat=m.remat,
-                   attention_impl=m.attention_impl,
-                   # ring / explicit all-gather skip key blocks with data-dependent
-                   # loops (no reverse-mode derivative): training leaves a context
-                   # axis to XLA's partitioner.
-                   context_attention="xla")
+                   attention_impl=m.attention_impl)
     if _is_checkpoint(m.name):
         model = InternLM2ForCausalLM.from_pretrained(m.name, mesh=mesh, **options)
     else:
