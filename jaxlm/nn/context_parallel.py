@@ -108,7 +108,10 @@ def prefill_attention(q, k, v, mask: AttentionMask, axis: str, impl: str = "xla"
         if strategy == "allgather":
             gather = lambda x: jax.lax.all_gather(x, axis, axis=1, tiled=True)
             k, v, kvx = gather(k), gather(v), jax.tree.map(gather, kvx)
-            return attend(q, k, v, shard_mask(0, k.shape[1], kvx), impl)     # the flash kernel has a VJP
+            local_mask = shard_mask(0, k.shape[1], kvx)
+            if resolve_impl(impl) == "xla":  # blockwise: skips keys past the causal edge, never dense
+                return blockwise_attention(q, k, v, local_mask)
+            return attend(q, k, v, local_mask, impl)                     # the flash kernel, with its VJP
         return _ring(q, k, v, kvx, shard_mask, axis, n, impl)
 
     return jax.shard_map(local, in_specs=(q_spec, kv_spec, kv_spec, specs(q_side), specs(kv_side)),
