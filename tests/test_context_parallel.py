@@ -37,7 +37,8 @@ def test_context_parallel_model_equals_single_device(golden, spec, strategy):
             np.testing.assert_array_equal(got, single, err_msg=f"{impl} chunk={chunk}")
 
 
-@pytest.mark.parametrize("strategy, impl", [("allgather", "xla"), ("allgather", "pallas"), ("ring", "xla")])
+@pytest.mark.parametrize("strategy, impl", [("allgather", "xla"), ("allgather", "pallas"), ("ring", "xla"),
+                                            ("ring", "pallas")])
 def test_context_parallel_gradients_equal_single_device(golden, strategy, impl):
     """Training on a context axis: the explicit strategies are differentiable and exact."""
     from flax import nnx
@@ -129,6 +130,44 @@ def test_flash_kernel_log_sum_exp_for_ring_steps(tpu):
         want = reference_attention(q, k, v, causal=True)  # offset 0 is the plain causal case
         if offset == 0:
             np.testing.assert_allclose(out, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("tpu", [False, True], ids=["gpu-interpret", "tpu-interpret"])
+def test_flash_kernel_log_sum_exp_gradients(tpu):
+    """d/d(q, k, v) of a loss on both outputs, (out, lse), against plain float32 math."""
+    rng = np.random.default_rng(4)
+    B, T, S, Hq, Hkv, D = 1, 128, 128, 4, 2, 64
+    q = jnp.asarray(rng.standard_normal((B, T, Hq, D)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((B, S, Hkv, D)), jnp.float32) for _ in range(2))
+    w_out = jnp.asarray(rng.standard_normal((B, T, Hq, D)), jnp.float32)
+    w_lse = jnp.asarray(rng.standard_normal((B, T, Hq)), jnp.float32)
+    kw = dict(interpret=pltpu.InterpretParams(uninitialized_memory="nan"),
+              block_sizes=dict(block_q=128, block_k=128, block_q_bwd=128, block_k_bwd=128)) if tpu else {}
+
+    def reference(q, k, v, offset):
+        kq, vq = (jnp.repeat(x, Hq // Hkv, axis=2) for x in (k, v))
+        s = jnp.einsum("bthd,bshd->bhts", q, kq) / np.sqrt(D)
+        seen = jnp.arange(S)[None, :] <= offset + jnp.arange(T)[:, None]                  # [T, S]
+        s = jnp.where(seen, s, -jnp.inf)
+        has_key = seen.any(-1)[None, None, :, None]
+        lse = jax.nn.logsumexp(jnp.where(has_key, s, 0.0), axis=-1)                       # [B, H, T]
+        p = jnp.where(has_key, jnp.exp(jnp.where(has_key, s, 0.0) - lse[..., None]), 0.0)
+        out = jnp.einsum("bhts,bshd->bthd", p, vq)
+        return out, jnp.swapaxes(lse, 1, 2), has_key[0, 0, :, 0]
+
+    for offset in (-40, 0, 60):
+        def loss(fn):
+            def f(q, k, v):
+                out, lse, rows = fn(q, k, v)
+                return jnp.sum(out * w_out) + jnp.sum(jnp.where(rows[None, :, None], lse * w_lse, 0.0))
+            return jax.grad(f, argnums=(0, 1, 2))(q, k, v)
+
+        rows = jnp.asarray(offset + np.arange(T) >= 0)
+        kernel = lambda q, k, v: flash_attention_with_lse(q, k, v, causal=True, q_offset=jnp.int32(offset),
+                                                          **kw) + (rows,)
+        got, want = loss(kernel), loss(lambda q, k, v: reference(q, k, v, offset))
+        for name, g, w in zip("qkv", got, want):
+            np.testing.assert_allclose(g, w, atol=2e-4, rtol=1e-3, err_msg=f"d{name} offset={offset}")
 
 
 def test_decode_merges_cache_shards_by_log_sum_exp():

@@ -63,21 +63,44 @@ def flash_attention(q, k, v, *, causal: bool = True, segment_ids=None, sm_scale:
 
 
 def flash_attention_with_lse(q, k, v, **kwargs):
-    """Forward only (no gradient): ``(out [B, T, Hq, D] float32, lse [B, T, Hq] float32)``.
+    """``(out [B, T, Hq, D] float32, lse [B, T, Hq] float32)``; same arguments as `flash_attention`.
 
-    Same arguments as `flash_attention`. The log-sum-exp lets partial results
-    over disjoint key sets be merged exactly (ring attention); a row that
-    reads no key gets lse <= MASK_VALUE + log(S), so it weighs nothing there.
+    The log-sum-exp lets partial results over disjoint key sets be merged
+    exactly (ring attention); a row that reads no key gets lse <= MASK_VALUE +
+    log(S), so it weighs nothing there. Differentiable in both outputs: the
+    lse cotangent folds into the backward kernels' row term (delta).
     """
-    q_arg, k_arg, v_arg, seg, kv_seg, offset, causal, scale, sizes, family, interpret = _prepare(q, k, v, **kwargs)
-    T, S = q.shape[1], k.shape[1]
-    bq, bk, T_pad, S_pad = _plan(T, S, sizes, family, False)
-    qp, kp, vp, qs, ks = _pad(q_arg, k_arg, v_arg, seg, kv_seg, T_pad, S_pad)
-    out, lse = _module(family).forward(qp, kp, vp, qs, ks, scale=scale, causal=causal, offset=offset,
-                                       kv_len=S, block_q=bq, block_k=bk, interpret=interpret)
+    args = _prepare(q, k, v, **kwargs)
+    out, lse = _flash_lse(*args)
+    return out[..., :q.shape[-1]].astype(jnp.float32), lse
+
+
+def _lse_rows(lse, T):
+    """Kernel lse (GPU ``[B, Hq, T_pad]``, TPU ``[B, Hq, T_pad, 128]``) -> ``[B, T, Hq]``."""
     if lse.ndim == 4:  # the TPU kernel keeps a 128-lane copy
         lse = lse[..., 0]
-    return out[:, :T, :, :q.shape[-1]].astype(jnp.float32), jnp.swapaxes(lse, 1, 2)[:, :T]
+    return jnp.swapaxes(lse, 1, 2)[:, :T]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+def _flash_lse(q, k, v, seg, kv_seg, offset, causal, scale, sizes, family, interpret):
+    out, residuals = _forward(q, k, v, seg, kv_seg, offset, causal, scale, sizes, family, interpret)
+    return out, _lse_rows(residuals[-1], q.shape[1])
+
+
+def _flash_lse_fwd(q, k, v, seg, kv_seg, offset, causal, scale, sizes, family, interpret):
+    out, residuals = _forward(q, k, v, seg, kv_seg, offset, causal, scale, sizes, family, interpret)
+    return (out, _lse_rows(residuals[-1], q.shape[1])), (residuals, q.shape[1], k.shape[1])
+
+
+def _flash_lse_bwd(causal, scale, sizes, family, interpret, saved, cotangents):
+    d_out, d_lse = cotangents
+    (qp, kp, vp, qs, ks, offset, out, lse), T, S = saved
+    d_lse = pad_axis(jnp.swapaxes(d_lse.astype(jnp.float32), 1, 2), 2, qp.shape[1])    # [B, Hq, T_pad]
+    return _backward(saved, d_out, causal, scale, sizes, family, interpret, d_lse)
+
+
+_flash_lse.defvjp(_flash_lse_fwd, _flash_lse_bwd)
 
 
 def _prepare(q, k, v, causal=True, segment_ids=None, sm_scale=None, block_sizes=None, interpret=None,
@@ -140,12 +163,16 @@ def _flash_fwd(q, k, v, seg, kv_seg, offset, causal, scale, sizes, family, inter
 
 
 def _flash_bwd(causal, scale, sizes, family, interpret, saved, d_out):
+    return _backward(saved, d_out, causal, scale, sizes, family, interpret)
+
+
+def _backward(saved, d_out, causal, scale, sizes, family, interpret, d_lse=None):
     (qp, kp, vp, qs, ks, offset, out, lse), T, S = saved
     bq, bk, _, _ = _plan(T, S, sizes, family, True)
     do = pad_axis(d_out, 1, qp.shape[1])
     dq, dk, dv = _module(family).backward(qp, kp, vp, qs, ks, out, lse, do, scale=scale, causal=causal,
                                           offset=offset, kv_len=S, block_q=bq, block_k=bk,
-                                          interpret=interpret)
+                                          interpret=interpret, d_lse=d_lse)
     return dq[:, :T], dk[:, :S], dv[:, :S], None, None, None
 
 

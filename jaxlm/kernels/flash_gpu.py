@@ -200,13 +200,15 @@ def _dkdv_kernel(off_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_r
 
 
 def backward(q, k, v, q_seg, k_seg, out, lse, do, *, scale, causal, offset, kv_len, block_q, block_k,
-             interpret):
+             interpret, d_lse=None):
     """Padded inputs -> (dq, dk, dv); dk/dv summed over each group's query heads."""
     B, T, Hq, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     G = Hq // Hkv
     precision = dot_precision(q.dtype)
     delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
+    if d_lse is not None:  # d lse / d s = p: a cotangent g on lse adds g * p to ds = p * (dp - delta)
+        delta = delta - d_lse
     common = dict(scale=scale, causal=causal, kv_len=kv_len, block_q=block_q, block_k=block_k,
                   precision=precision)
     off = _offset_array(offset)

@@ -214,12 +214,14 @@ def _dkdv_kernel(off_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_r
 
 
 def backward(q, k, v, q_seg, k_seg, out, lse, do, *, scale, causal, offset, kv_len, block_q, block_k,
-             interpret):
+             interpret, d_lse=None):
     B, T, Hq, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     G, num_q, num_k = Hq // Hkv, T // block_q, S // block_k
     precision = dot_precision(q.dtype)
     delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
+    if d_lse is not None:  # d lse / d s = p: a cotangent g on lse adds g * p to ds = p * (dp - delta)
+        delta = delta - d_lse
     delta = jnp.broadcast_to(delta[..., None], delta.shape + (LANES,))
     if lse.shape[2] != T:  # the forward may have run with other blocks on the same padding
         raise ValueError(f"lse length {lse.shape[2]} != {T}")

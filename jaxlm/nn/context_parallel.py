@@ -19,10 +19,9 @@ queries. The ways to attend, by the shape of the work:
 `benchmarks/context_parallel.py` measures the three (memory per device,
 collectives, time); see `benchmarks/RESULTS.md`. These are written as
 explicit `shard_map` programs because the partitioner, left alone, does the
-redundant work above. The all-gather is differentiable with either
-attention implementation (training on a context axis uses it); the ring is
-differentiable with ``attention_impl="xla"``, while its Pallas step (the
-kernel's log-sum-exp variant) has no VJP and serves inference only.
+redundant work above. Both are differentiable with either attention
+implementation (the kernel's log-sum-exp variant has a VJP); training on a
+context axis uses the default, the all-gather.
 """
 
 from __future__ import annotations
