@@ -84,8 +84,7 @@ def _lse_rows(lse, T):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
 def _flash_lse(q, k, v, seg, kv_seg, offset, causal, scale, sizes, family, interpret):
-    out, residuals = _forward(q, k, v, seg, kv_seg, offset, causal, scale, sizes, family, interpret)
-    return out, _lse_rows(residuals[-1], q.shape[1])
+    return _flash_lse_fwd(q, k, v, seg, kv_seg, offset, causal, scale, sizes, family, interpret)[0]
 
 
 def _flash_lse_fwd(q, k, v, seg, kv_seg, offset, causal, scale, sizes, family, interpret):
@@ -95,8 +94,8 @@ def _flash_lse_fwd(q, k, v, seg, kv_seg, offset, causal, scale, sizes, family, i
 
 def _flash_lse_bwd(causal, scale, sizes, family, interpret, saved, cotangents):
     d_out, d_lse = cotangents
-    (qp, kp, vp, qs, ks, offset, out, lse), T, S = saved
-    d_lse = pad_axis(jnp.swapaxes(d_lse.astype(jnp.float32), 1, 2), 2, qp.shape[1])    # [B, Hq, T_pad]
+    T_pad = saved[0][0].shape[1]                                                         # the padded q
+    d_lse = pad_axis(jnp.swapaxes(d_lse.astype(jnp.float32), 1, 2), 2, T_pad)           # [B, Hq, T_pad]
     return _backward(saved, d_out, causal, scale, sizes, family, interpret, d_lse)
 
 
