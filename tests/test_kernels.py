@@ -166,6 +166,18 @@ def test_kernels_lower_for_real_hardware(platform):
                                platforms=[platform], disabled_checks=checks)(
             bf16(2, 32, D), bf16(2, 5000, 8, D), bf16(2, 5000, 8, D), jax.ShapeDtypeStruct((2,), jnp.int32))
         assert "tpu_custom_call" in decode.mlir_module() or "xla.gpu.triton" in decode.mlir_module()
+    # the ring-attention step: forward with lse at a traced offset, and its gradient
+    from jaxlm.kernels import flash_attention_with_lse
+
+    def ring_step(q, k, v, offset):
+        f = lambda q, k, v: flash_attention_with_lse(q, k, v, q_offset=offset, backend=backend)
+        loss = lambda *a: sum(x.sum() for x in f(*a))
+        return f(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    bf16 = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)
+    ring = export.export(jax.jit(ring_step), platforms=[platform], disabled_checks=checks)(
+        bf16(1, 512, 8, 128), bf16(1, 512, 2, 128), bf16(1, 512, 2, 128), jax.ShapeDtypeStruct((), jnp.int32))
+    assert ring.mlir_module().count("tpu_custom_call" if platform == "tpu" else "xla.gpu.triton") == 4
 
 
 @pytest.mark.parametrize("tpu", [False, True], ids=["gpu-interpret", "tpu-interpret"])

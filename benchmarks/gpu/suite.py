@@ -22,7 +22,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxlm.kernels import decode_attention, flash_attention, reference_attention, reference_decode  # noqa: E402
+from jaxlm.kernels import (decode_attention, flash_attention, flash_attention_with_lse,  # noqa: E402
+                           reference_attention, reference_decode)
+from jaxlm.nn.context_parallel import merge_partials  # noqa: E402
 from jaxlm.nn.attention import xla_decode_attention  # noqa: E402
 
 LOG = []
@@ -101,7 +103,35 @@ def correctness(dry: bool, interpret) -> list[dict]:
         rows.append(dict(kernel="decode", shape=[B, S, Hq, Hkv, D], dtype=jnp.dtype(dtype).name, errors=[err], ok=ok))
         log(f"correctness decode B{B} S{S} Hq{Hq} Hkv{Hkv} D{D} {jnp.dtype(dtype).name}: {err:.1e} "
             f"{'OK' if ok else 'FAIL'}")
+    rows.append(ring_merge_correctness(rng, dry, interpret))
     return rows
+
+
+def ring_merge_correctness(rng, dry: bool, interpret) -> dict:
+    """Ring attention's step: causal attention over 4 key shards, each with the lse kernel at its
+    offset, merged by log-sum-exp, equals full attention (output and gradients)."""
+    B, T, Hq, Hkv, D, shards = (1, 64, 4, 2, 64, 4) if dry else (1, 4096, 32, 8, 128, 4)
+    q, k, v, do = (jnp.asarray(rng.standard_normal(s), jnp.float32)
+                   for s in ((B, T, Hq, D), (B, T, Hkv, D), (B, T, Hkv, D), (B, T, Hq, D)))
+    S = T // shards
+
+    def ring(q, k, v):
+        out = jnp.zeros((B, T, Hq, D), jnp.float32)
+        lse = jnp.full((B, T, Hq), -jnp.inf, jnp.float32)
+        for j in range(shards):
+            o, l = flash_attention_with_lse(q, k[:, j * S:(j + 1) * S], v[:, j * S:(j + 1) * S], causal=True,
+                                            q_offset=jnp.int32(-j * S), interpret=interpret)
+            out, lse = merge_partials(out, lse, o, l)
+        return out
+
+    got, grads = jax.jit(lambda q, k, v: jax.vjp(ring, q, k, v))(q, k, v)[0], jax.jit(
+        lambda q, k, v, do: jax.vjp(ring, q, k, v)[1](do))(q, k, v, do)
+    want, want_g = jax.vjp(lambda q, k, v: reference_attention(q, k, v, causal=True), q, k, v)
+    errs = [rel(got, want)] + [rel(g, w) for g, w in zip(grads, want_g(do))]
+    ok = max(errs) <= 1e-4
+    log(f"correctness ring merge B{B} T{T} Hq{Hq} Hkv{Hkv} D{D} {shards} shards float32: out {errs[0]:.1e} "
+        f"dq {errs[1]:.1e} dk {errs[2]:.1e} dv {errs[3]:.1e} {'OK' if ok else 'FAIL'}")
+    return dict(kernel="ring", shape=[B, T, T, Hq, Hkv, D], dtype="float32", errors=errs, ok=ok)
 
 
 # --------------------------------------------------------------------- timings
