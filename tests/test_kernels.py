@@ -6,6 +6,8 @@ interpret mode with uninitialized memory as NaN. Lowering for the real
 platforms (Triton for CUDA, Mosaic for TPU) is checked with jax.export.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -202,3 +204,22 @@ def test_chunk_against_cache_with_traced_offset(tpu):
         with poison_outputs():
             got = chunk(jnp.int32(start))
         assert rel_err(got, full[:, start:start + C]) <= 1e-4
+
+
+def test_gpu_suite_dry_run(tmp_path):
+    """`benchmarks/gpu/run_all.sh --dry-run`: the GPU suite, at tiny sizes in interpret mode, runs end to end
+    (so it is ready the day a GPU is lent), its correctness checks pass and both tables are written."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = dict(os.environ, OUT=str(tmp_path), PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    env.pop("XLA_FLAGS", None)
+    run = subprocess.run(["bash", "benchmarks/gpu/run_all.sh", "--dry-run"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    ok = re.search(r"correctness: (\d+)/(\d+) OK", run.stdout)
+    assert ok and ok.group(1) == ok.group(2) and "ring merge" in run.stdout
+    assert (tmp_path / "summary.txt").stat().st_size > 0 and (tmp_path / "long_context_summary.txt").stat().st_size > 0
