@@ -106,43 +106,44 @@ def test_prefill_falls_back_when_the_axis_does_not_split_the_sequence():
         assert prefill_attention(q, k, k, AttentionMask(30), "context") is None
 
 
-@pytest.mark.parametrize("tpu", [False, True], ids=["gpu-interpret", "tpu-interpret"])
-def test_flash_kernel_log_sum_exp_for_ring_steps(tpu):
-    """The kernel's (out, lse) for a key shard: causal offsets before, inside and after it."""
-    rng = np.random.default_rng(1)
-    B, T, S, Hq, Hkv, D = 1, 128, 128, 4, 2, 64
+B, T, S, Hq, Hkv, D = 1, 128, 128, 4, 2, 64     # the lse-kernel cases: one 128 x 128 tile
+
+
+def _kernel_case(seed, tpu):
+    """Random float32 q, k, v of the shapes above and the interpret-mode kwargs of each kernel family."""
+    rng = np.random.default_rng(seed)
     q = jnp.asarray(rng.standard_normal((B, T, Hq, D)), jnp.float32)
     k, v = (jnp.asarray(rng.standard_normal((B, S, Hkv, D)), jnp.float32) for _ in range(2))
     kw = dict(interpret=pltpu.InterpretParams(uninitialized_memory="nan"),
               block_sizes=dict(block_q=128, block_k=128, block_q_bwd=128, block_k_bwd=128)) if tpu else {}
+    return rng, q, k, v, kw
+
+
+@pytest.mark.parametrize("tpu", [False, True], ids=["gpu-interpret", "tpu-interpret"])
+def test_flash_kernel_log_sum_exp_for_ring_steps(tpu):
+    """The kernel's (out, lse) for a key shard: causal offsets before, inside and after it."""
+    _, q, k, v, kw = _kernel_case(1, tpu)
     run = jax.jit(lambda offset: flash_attention_with_lse(q, k, v, causal=True, q_offset=offset, **kw))
-    kq = jnp.repeat(k, Hq // Hkv, axis=2)
+    scores = np.einsum("bthd,bshd->bhts", q, jnp.repeat(k, Hq // Hkv, axis=2)) / np.sqrt(D)
     for offset in (-T, -40, 0, 60):   # -T: this shard lies wholly after every query
         out, lse = run(jnp.int32(offset))
         slots = offset + np.arange(T)
-        scores = np.einsum("bthd,bshd->bhts", q, kq) / np.sqrt(D)
-        scores = np.where(np.arange(S)[None, None, None, :] <= slots[None, None, :, None], scores, -np.inf)
         seen = slots >= 0
         with np.errstate(divide="ignore"):
-            want_lse = np.logaddexp.reduce(scores, axis=-1)                        # [B, H, T]
+            causal = np.where(np.arange(S)[None, :] <= slots[:, None], scores, -np.inf)
+            want_lse = np.logaddexp.reduce(causal, axis=-1)                        # [B, H, T]
         np.testing.assert_allclose(np.asarray(lse)[0][seen], want_lse[0].T[seen], atol=1e-4)
         assert (np.asarray(lse)[0][~seen] < -1e30).all()            # a row with no key weighs nothing in a merge
-        want = reference_attention(q, k, v, causal=True)  # offset 0 is the plain causal case
-        if offset == 0:
-            np.testing.assert_allclose(out, want, atol=1e-4)
+        if offset == 0:  # the plain causal case
+            np.testing.assert_allclose(out, reference_attention(q, k, v, causal=True), atol=1e-4)
 
 
 @pytest.mark.parametrize("tpu", [False, True], ids=["gpu-interpret", "tpu-interpret"])
 def test_flash_kernel_log_sum_exp_gradients(tpu):
     """d/d(q, k, v) of a loss on both outputs, (out, lse), against plain float32 math."""
-    rng = np.random.default_rng(4)
-    B, T, S, Hq, Hkv, D = 1, 128, 128, 4, 2, 64
-    q = jnp.asarray(rng.standard_normal((B, T, Hq, D)), jnp.float32)
-    k, v = (jnp.asarray(rng.standard_normal((B, S, Hkv, D)), jnp.float32) for _ in range(2))
+    rng, q, k, v, kw = _kernel_case(4, tpu)
     w_out = jnp.asarray(rng.standard_normal((B, T, Hq, D)), jnp.float32)
     w_lse = jnp.asarray(rng.standard_normal((B, T, Hq)), jnp.float32)
-    kw = dict(interpret=pltpu.InterpretParams(uninitialized_memory="nan"),
-              block_sizes=dict(block_q=128, block_k=128, block_q_bwd=128, block_k_bwd=128)) if tpu else {}
 
     def reference(q, k, v, offset):
         kq, vq = (jnp.repeat(x, Hq // Hkv, axis=2) for x in (k, v))

@@ -186,7 +186,7 @@ def blockwise_attention(q, k, v, mask: AttentionMask, sm_scale=None, q_block: in
         lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
         return out, lse.transpose(0, 3, 1, 2)                                       # [B, bq, K, G]
 
-    blocks = jax.lax.map(jax.checkpoint(one_query_block), jnp.arange(nq))                          # [nq, B, bq, ...]
+    blocks = jax.lax.map(jax.checkpoint(one_query_block), jnp.arange(nq))         # [nq, B, bq, ...]
     unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape((B, nq * bq) + x.shape[3:])[:, :T]
     return jax.tree.map(unblock, blocks)
 
@@ -265,8 +265,8 @@ def attend(q, k, v, mask: AttentionMask, impl: str = "xla", context: str = "xla"
     """``q [B,T,K,G,D]``, ``k/v [B,S,K,D]`` -> ``[B,T,K,G,D]`` with the chosen implementation.
 
     ``context`` is the strategy on a mesh whose ``context`` axis splits the
-    sequence: ``"ring"``, ``"allgather"`` (inference only) or ``"xla"`` (the
-    partitioner decides; differentiable); see `jaxlm.nn.context_parallel`.
+    sequence: ``"allgather"``, ``"ring"`` or ``"xla"`` (left to the
+    partitioner); see `jaxlm.nn.context_parallel`.
     """
     impl = resolve_impl(impl)
     B, T, K, G, D = q.shape

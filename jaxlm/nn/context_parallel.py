@@ -29,8 +29,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxlm.nn.attention import (AttentionMask, _flash_args, attend, blockwise_attention, resolve_impl,
-                                xla_decode_attention)
+from jaxlm.nn.attention import AttentionMask, _flash_args, blockwise_attention, resolve_impl, xla_decode_attention
 from jaxlm.sharding import active_mesh_axes, logical_to_spec
 
 STRATEGIES = ("ring", "allgather", "xla")
@@ -60,7 +59,7 @@ def partial_attention(q, k, v, mask: AttentionMask, impl: str):
 
 
 # ------------------------------------------------------------------- prefill
-def prefill_attention(q, k, v, mask: AttentionMask, axis: str, impl: str = "xla", strategy: str = "ring"):
+def prefill_attention(q, k, v, mask: AttentionMask, axis: str, impl: str = "xla", strategy: str = "allgather"):
     """Attention with queries and keys split over mesh axis ``axis``: ``q [B,T,K,G,D]``, ``k/v [B,S,K,D]``.
 
     Device i holds query slots ``q_offset + i*T/n + [0, T/n)`` and key slots
@@ -107,10 +106,7 @@ def prefill_attention(q, k, v, mask: AttentionMask, axis: str, impl: str = "xla"
         if strategy == "allgather":
             gather = lambda x: jax.lax.all_gather(x, axis, axis=1, tiled=True)
             k, v, kvx = gather(k), gather(v), jax.tree.map(gather, kvx)
-            local_mask = shard_mask(0, k.shape[1], kvx)
-            if resolve_impl(impl) == "xla":  # blockwise: skips keys past the causal edge, never dense
-                return blockwise_attention(q, k, v, local_mask)
-            return attend(q, k, v, local_mask, impl)                     # the flash kernel, with its VJP
+            return partial_attention(q, k, v, shard_mask(0, k.shape[1], kvx), impl)[0].astype(q.dtype)
         return _ring(q, k, v, kvx, shard_mask, axis, n, impl)
 
     return jax.shard_map(local, in_specs=(q_spec, kv_spec, kv_spec, specs(q_side), specs(kv_side)),
