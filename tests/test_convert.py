@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import ml_dtypes  # noqa: F401
 import numpy as np
 import pytest
@@ -83,6 +84,35 @@ def test_dtype_cast_and_save_pretrained(make_hf_checkpoint, tmp_path):
     for name, value in hf_tensors(tmp_path / "h").items():
         assert value.dtype == ml_dtypes.bfloat16
         np.testing.assert_array_equal(value, original[name].astype(ml_dtypes.bfloat16))
+
+
+def test_scanned_load_compiles_once_per_shape_not_per_layer(make_hf_checkpoint, tmp_path):
+    """Filling stacked layers reuses one compiled update per (shape, dtype, sharding): the
+    layer index is traced, so a deeper model adds no compilations; the result equals the
+    unscanned load, from both HF and jaxlm sources."""
+    from flax import nnx
+
+    from jaxlm.checkpoint import loading
+
+    ids = np.arange(3, 15).reshape(1, 12)
+    compiles = {}
+    for layers in (1, 4):
+        hf = make_hf_checkpoint(num_hidden_layers=layers)
+        hf_to_jaxlm(hf, str(tmp_path / f"j{layers}"))
+        for source in (hf, str(tmp_path / f"j{layers}")):
+            loading._set_layer.clear_cache()
+            scanned = InternLM2ForCausalLM.from_pretrained(source, scan_layers=True)
+            compiles[layers, source == hf] = loading._set_layer._cache_size()
+            if layers == 4:
+                plain = InternLM2ForCausalLM.from_pretrained(source)
+                stacked = nnx.state(scanned.model.layers, nnx.Param)
+                for i, layer in enumerate(plain.model.layers):
+                    for a, b in zip(jax.tree.leaves(stacked), jax.tree.leaves(nnx.state(layer, nnx.Param))):
+                        np.testing.assert_array_equal(np.asarray(a)[i], np.asarray(b))
+                np.testing.assert_allclose(np.asarray(scanned(ids)), np.asarray(plain(ids)), atol=1e-5, rtol=0)
+    n_stacked = len(jax.tree.leaves(nnx.state(scanned.model.layers, nnx.Param)))
+    for from_hf in (True, False):
+        assert 0 < compiles[4, from_hf] == compiles[1, from_hf] <= n_stacked
 
 
 # ------------------------------------------------------------------ bad inputs

@@ -56,9 +56,11 @@ def param_sharding(var: nnx.Variable, mesh, shape=None):
     return named_sharding(mesh, logical_axes(var), shape if shape is not None else var.get_value().shape)
 
 
-@functools.partial(jax.jit, donate_argnums=0, static_argnums=2)
+@functools.partial(jax.jit, donate_argnums=0)
 def _set_layer(buffer, value, index):
-    return buffer.at[index].set(value.astype(buffer.dtype))
+    """``buffer[index] = value`` in place; ``index`` is traced, so one compilation serves
+    every layer of a (shape, dtype, sharding)."""
+    return jax.lax.dynamic_update_index_in_dim(buffer, value.astype(buffer.dtype), index, 0)
 
 
 class _StateFiller:
@@ -115,7 +117,7 @@ class _StateFiller:
             if key not in self.filled:
                 full = var.get_value()
                 var.set_value(jnp.zeros(full.shape, full.dtype, device=param_sharding(var, self.mesh)))
-            var.set_value(_set_layer(var.get_value(), jax.device_put(array, sharding), layer))
+            var.set_value(_set_layer(var.get_value(), jax.device_put(array, sharding), np.int32(layer)))
         self.filled[key] = self.filled.get(key, 0) + 1
 
     def check_complete(self, source: str) -> None:
