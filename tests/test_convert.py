@@ -115,6 +115,23 @@ def test_scanned_load_compiles_once_per_shape_not_per_layer(make_hf_checkpoint, 
         assert 0 < compiles[4, from_hf] == compiles[1, from_hf] <= n_stacked
 
 
+def test_iter_arrays_reads_the_metadata_once(make_hf_checkpoint, tmp_path, monkeypatch):
+    from jaxlm.checkpoint import hf_layout, jaxlm_format
+    from jaxlm.checkpoint.hf_reader import HFCheckpoint
+
+    src = make_hf_checkpoint()
+    hf_to_jaxlm(src, str(tmp_path / "j"))
+    reads = []
+    original = jaxlm_format.tree_metadata
+    monkeypatch.setattr(jaxlm_format, "tree_metadata", lambda path: reads.append(path) or original(path))
+    reader = HFCheckpoint(src)
+    entries = hf_layout.entries(reader.config)
+    arrays = dict(jaxlm_format.iter_arrays(str(tmp_path / "j"), [e.jaxlm_name for e in entries]))
+    assert len(reads) == 1 and len(arrays) == len(entries) > 1
+    for e in entries:
+        np.testing.assert_array_equal(arrays[e.jaxlm_name], reader.read_jaxlm(e))
+
+
 # ------------------------------------------------------------------ bad inputs
 
 def run_cli(module, *args):

@@ -114,11 +114,16 @@ def stored_arrays(path: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     return {n: (tuple(m.shape), np.dtype(m.dtype)) for n, m in flatten(meta).items()}
 
 
-def load_arrays(path: str, targets: dict[str, object]) -> dict[str, object]:
+def load_arrays(path: str, targets: dict[str, object], *,
+                stored: dict[str, tuple[tuple[int, ...], np.dtype]] | None = None) -> dict[str, object]:
     """Loads the named arrays; ``targets`` maps a name to a ``jax.ShapeDtypeStruct``
-    (with ``sharding`` for placed jax arrays) or to a numpy array (host copy)."""
+    (with ``sharding`` for placed jax arrays) or to a numpy array (host copy).
+
+    ``stored`` is `stored_arrays(path)` when the caller already has it (the Orbax
+    metadata is then not read again)."""
     params_dir = os.path.join(path, PARAMS)
-    stored = stored_arrays(path)
+    if stored is None:
+        stored = stored_arrays(path)
     missing = [n for n in targets if n not in stored]
     if missing:
         raise CheckpointError(f"{params_dir}: missing parameter {missing[0]!r}")
@@ -132,8 +137,8 @@ def load_arrays(path: str, targets: dict[str, object]) -> dict[str, object]:
 
 
 def iter_arrays(path: str, names: Iterable[str]) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields host numpy arrays one at a time (for streaming export)."""
+    """Yields host numpy arrays one at a time (for streaming export); the metadata is read once."""
     stored = stored_arrays(path)
     for name in names:
         shape, dtype = stored[name]
-        yield name, load_arrays(path, {name: np.empty(shape, dtype)})[name]
+        yield name, load_arrays(path, {name: np.empty(shape, dtype)}, stored=stored)[name]
