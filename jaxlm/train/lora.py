@@ -147,11 +147,6 @@ def trainable_filter(lora: LoRAConfig):
     return nnx.LoRAParam if lora.enabled else nnx.Param
 
 
-def lora_param_count(model) -> int:
-    return sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
-
-
-
 def load_adapter(model, path: str) -> LoRAConfig:
     """Attaches a PEFT-layout adapter directory to ``model`` (adding LoRA factors as needed)."""
     from safetensors.numpy import load_file
