@@ -237,12 +237,16 @@ class HFCheckpoint:
 
         With a slice, only the rows and columns of the HF tensor that the slice
         covers are read (this is how each host reads just what its devices hold).
+        Every `hf_layout` rule's ``perm`` is the identity (jaxlm keeps HF's
+        ``[out, in]`` order), so the jaxlm dims are the HF dims unflattened and a
+        slice maps onto HF rows and columns directly.
         """
         rule, cfg = entry.rule, self.config
+        if index is None:
+            return rule.to_jaxlm(self.read(entry.hf_name), cfg)
         split, hf_shape = rule.split(cfg), rule.hf_shape(cfg)
-        if index is None or rule.perm != tuple(range(len(split))):
-            full = rule.to_jaxlm(self.read(entry.hf_name), cfg)
-            return full if index is None else np.ascontiguousarray(full[index])
+        if rule.perm != tuple(range(len(split))):
+            raise NotImplementedError(f"{rule.jaxlm}: sliced reads assume an identity perm, got {rule.perm}")
         index = tuple(index) + (slice(None),) * (len(split) - len(index))
         ranges = [sl.indices(n)[:2] for sl, n in zip(index, split)]
         hf_index, local_shape, post = [], [], []
