@@ -1,14 +1,21 @@
 """Meshes of 8 simulated CPU devices: same numbers as one device, really split weights."""
 
+import os
+import subprocess
+import sys
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import REPO
 from jaxlm import ConfigError, InternLM2ForCausalLM
 from jaxlm.checkpoint import hf_reader
+from jaxlm.nn.embed import Embed
 from jaxlm.nn.params import logical_axes
-from jaxlm.sharding import MeshConfig, logical_to_spec, make_mesh, mesh_sizes
+from jaxlm.sharding import MeshConfig, axis_rules, logical_to_spec, make_mesh, mesh_sizes
 
 TOL = 1e-4
 
@@ -121,3 +128,112 @@ def test_invalid_meshes_are_clear_errors(golden):
     with pytest.raises(ConfigError, match="does not divide the 8 available devices"):
         make_mesh("tensor=3")
     assert MeshConfig.parse("tensor=2").resolve(8) == {"data": 1, "fsdp": 4, "tensor": 2, "context": 1}
+
+
+# ------------------------------------------------------------ embedding lookup
+REMAT = "Involuntary full rematerialization"
+
+# Runs in a fresh process, so that XLA compiles (and logs) here, whatever this
+# session compiled or cached before: the forward and a training-style gradient
+# of the same checkpoint on one device and on data=2,fsdp=2,tensor=2.
+_EMBED_WORKER = r"""
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from jaxlm import InternLM2ForCausalLM
+from jaxlm.sharding import make_mesh, named_sharding
+
+path, out, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+rng = np.random.default_rng(seed)
+ids = rng.integers(0, 256, (4, 16))
+targets = rng.integers(0, 256, (4, 16))
+mesh = make_mesh("data=2,fsdp=2,tensor=2")
+
+def loss_fn(graphdef, rest):
+    def loss(params, ids, targets):
+        logits = nnx.merge(graphdef, params, rest).forward(ids)
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1))
+    return jax.jit(jax.value_and_grad(loss))
+
+results = {}
+for name, m in [("single", None), ("sharded", mesh)]:
+    model = InternLM2ForCausalLM.from_pretrained(path, mesh=m)
+    results[name + "_logits"] = np.asarray(model(ids))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    grad = loss_fn(graphdef, rest)
+    if m is None:
+        loss, grads = grad(params, ids, targets)
+    else:
+        rows = named_sharding(m, ("batch", None))
+        with jax.set_mesh(m):
+            loss, grads = grad(params, jax.device_put(ids, rows), jax.device_put(targets, rows))
+    results[name + "_loss"] = np.asarray(loss)
+    for key, g in nnx.to_flat_state(grads):
+        results[name + "_grad/" + "/".join(map(str, key))] = np.asarray(g.get_value())
+np.savez(out, **results)
+"""
+
+
+def test_embedding_lookup_partitions_without_rematerialization(make_hf_checkpoint, tmp_path):
+    needs_8_devices()
+    path = make_hf_checkpoint()
+    out = tmp_path / "results.npz"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]),
+               JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="0")  # XLA's warnings must reach stderr
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # a cached executable would not be compiled (nor logged)
+    proc = subprocess.run([sys.executable, "-c", _EMBED_WORKER, path, str(out), "0"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    remat = [line for line in proc.stderr.splitlines() if REMAT in line]
+    assert not remat, "XLA rematerialized:\n" + "\n".join(line[:400] for line in remat)
+    r = np.load(out)
+    np.testing.assert_allclose(r["sharded_logits"], r["single_logits"], atol=TOL, rtol=0)
+    np.testing.assert_allclose(r["sharded_loss"], r["single_loss"], atol=1e-6, rtol=0)
+    grads = [k for k in r.files if k.startswith("single_grad/")]
+    assert any("tok_embeddings" in k for k in grads)
+    for key in grads:
+        np.testing.assert_allclose(r[key.replace("single", "sharded", 1)], r[key], atol=1e-6, rtol=0,
+                                   err_msg=key)
+
+
+EMBED_CASES = {  # vocab size, rule overrides, the table's spec on data=2,fsdp=2,tensor=2
+    "vocab_over_tensor": (256, {}, ("tensor", "fsdp")),
+    "vocab_not_divisible": (255, {}, (None, "fsdp")),
+    "embed_axis_not_on_rows": (256, {"batch": "data"}, ("tensor", "fsdp")),
+    "vocab_axis_on_rows": (256, {"vocab": "fsdp", "embed": "tensor"}, ("fsdp", "tensor")),
+}
+
+
+@pytest.mark.parametrize("case", EMBED_CASES)
+def test_embed_lookup_is_exact_on_a_mesh(case):
+    """Embed equals jnp.take (values and gradients), with no mesh and under a mesh, in jit and eagerly."""
+    vocab, rules, table_spec = EMBED_CASES[case]
+    m = mesh(2, 2, 2)
+    embed = Embed(vocab, 64, init_std=1.0, rngs=nnx.Rngs(0))
+    table = embed.embedding[...]
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(0, vocab, (8, 12)), jnp.int32)
+    # Integer cotangents: sums of them are exact in any order, so gradients compare exactly.
+    cot = jnp.asarray(rng.integers(-4, 5, (8, 12, 64)), jnp.float32)
+    graphdef, state = nnx.split(embed)
+
+    def lookup(state, ids):
+        return nnx.merge(graphdef, state)(ids)
+
+    def grad(state, ids):
+        return jax.grad(lambda s: jnp.sum(lookup(s, ids) * cot))(state).embedding.get_value()
+
+    expected = np.asarray(jnp.take(table, ids, axis=0))
+    expected_grad = np.asarray(jax.grad(lambda t: jnp.sum(jnp.take(t, ids, axis=0) * cot))(table))
+    np.testing.assert_array_equal(np.asarray(embed(ids)), expected)
+    np.testing.assert_array_equal(np.asarray(grad(state, ids)), expected_grad)
+
+    with axis_rules(rules):
+        spec = logical_to_spec(("vocab", "embed"), mesh_sizes(m), shape=table.shape)
+        assert spec == jax.sharding.PartitionSpec(*table_spec)
+        placed = jax.tree.map(lambda v: jax.device_put(v, jax.sharding.NamedSharding(m, spec)), state)
+        rows = jax.device_put(ids, jax.sharding.NamedSharding(m, logical_to_spec(("batch", None), mesh_sizes(m))))
+        with jax.set_mesh(m):
+            np.testing.assert_array_equal(np.asarray(jax.jit(lookup)(placed, rows)), expected)
+            np.testing.assert_array_equal(np.asarray(jax.jit(grad)(placed, rows)), expected_grad)
+            np.testing.assert_array_equal(np.asarray(lookup(placed, rows)), expected)
