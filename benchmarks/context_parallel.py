@@ -47,8 +47,8 @@ def main():
     from flax import nnx
 
     from jaxlm import InternLM2ForCausalLM
-    from jaxlm.generation import engine
-    from jaxlm.generation.sampling import SamplerFlags
+    from jaxlm.runtime import engine
+    from jaxlm.runtime.sampling import SamplerFlags
     from jaxlm.sharding import make_mesh, named_sharding
 
     config = bench_config(**SHAPE)

@@ -35,8 +35,8 @@ def main():
     from flax import nnx
 
     from jaxlm import InternLM2ForCausalLM
-    from jaxlm.generation import engine
-    from jaxlm.generation.sampling import SamplerFlags
+    from jaxlm.runtime import engine
+    from jaxlm.runtime.sampling import SamplerFlags
 
     config = bench_config(max_position_embeddings=32768)
     path = make_checkpoint(args.workdir, bench_config())

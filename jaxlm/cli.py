@@ -1,14 +1,14 @@
 """The ``jaxlm`` command (``python -m jaxlm`` does the same).
 
-Subcommands register themselves in `COMMANDS`; each module exposes
-``build_parser(parser)`` and ``run(args) -> int`` so heavy imports (jax,
-flax) happen only for the command that runs.
+Subcommands are listed in `COMMANDS` by module name; each module exposes
+``build_parser(parser)`` and ``run(args) -> int``.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> (module, one-line help)
@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")   # before the commands import jax: no C++ INFO chatter
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):

@@ -68,9 +68,11 @@ class InternLM2Config:
         self.validate()
 
     def __hash__(self):
-        # rope_scaling and extra are dicts; hash the JSON form so the config can
-        # sit in a module's static structure (jit cache keys).
-        return hash(json.dumps(self.to_dict(), sort_keys=True, default=str))
+        # rope_scaling is a dict; hash the JSON form of the compared fields so the
+        # config can sit in a module's static structure (jit cache keys). `extra`
+        # is left out as equality leaves it out: equal configs hash equally.
+        compared = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.compare}
+        return hash(json.dumps(compared, sort_keys=True, default=str))
 
     # ----------------------------------------------------------- derived sizes
     @property
@@ -163,8 +165,6 @@ class InternLM2Config:
     @classmethod
     def from_pretrained(cls, path: str) -> "InternLM2Config":
         """Reads `config.json` from an HF or jaxlm checkpoint directory, or a preset name."""
-        from jaxlm.presets import PRESETS
-
         if path in PRESETS:
             return PRESETS[path]
         file = os.path.join(path, "config.json") if os.path.isdir(path) else path
@@ -189,3 +189,30 @@ class InternLM2Config:
 
     def replace(self, **changes) -> "InternLM2Config":
         return dataclasses.replace(self, **changes)
+
+
+# ------------------------------------------------------------------ presets
+# Shapes of the released InternLM2 / InternLM2.5 models.
+def _preset(hidden, layers, heads, kv_heads, intermediate, rope_scaling):
+    return InternLM2Config(
+        vocab_size=92544, hidden_size=hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads,
+        intermediate_size=intermediate, rope_scaling=rope_scaling,
+        rope_theta=1_000_000.0, rms_norm_eps=1e-5, bias=False,
+        tie_word_embeddings=False, max_position_embeddings=32768,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )
+
+
+def _dyn(factor):
+    return {"type": "dynamic", "factor": factor}
+
+
+PRESETS: dict[str, InternLM2Config] = {
+    "internlm2-1_8b": _preset(2048, 24, 16, 8, 8192, _dyn(2.0)),
+    "internlm2-7b": _preset(4096, 32, 32, 8, 14336, None),
+    "internlm2-chat-7b": _preset(4096, 32, 32, 8, 14336, _dyn(2.0)),
+    "internlm2-20b": _preset(6144, 48, 48, 8, 16384, None),
+    "internlm2-chat-20b": _preset(6144, 48, 48, 8, 16384, _dyn(3.0)),
+    "internlm2_5-7b-chat": _preset(4096, 32, 32, 8, 14336, _dyn(2.0)),
+}

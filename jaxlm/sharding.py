@@ -7,13 +7,19 @@ layout of a run is decided by `DEFAULT_RULES` (or an override installed with
 
 A mesh axis that does not divide an array dimension is dropped for that
 array (the dimension is replicated instead): a 1000-token vocabulary stays
-whole on a 16-way tensor axis rather than failing.
+whole on a 16-way tensor axis rather than failing. Where that leaves more
+than 1 MiB per device replicated, a warning says so.
+
+The rules in force are part of what keys every compiled function
+(`jit_with_rules`), so changing them takes effect at the next call.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import logging
 import math
 import re
 import threading
@@ -24,6 +30,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxlm.errors import ConfigError
+
+log = logging.getLogger("jaxlm.sharding")
 
 MESH_AXES = ("data", "fsdp", "tensor", "context")
 MeshAxes = str | tuple[str, ...] | None
@@ -51,6 +59,20 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("cache_length", "context"),
 )
 
+# The logical axes of every activation the runtime constrains, by what it holds.
+ACT: dict[str, tuple[str | None, ...]] = {
+    "tokens": ("batch", None),                                     # [B, T] ids, masks, positions
+    "rows": ("batch",),                                            # [B] lengths, flags
+    "hidden": ("batch", "length", "act_embed"),                    # [B, T, E] residual stream
+    "queries": ("batch", "length", "act_kv_heads", None, None),    # [B, T, K, G, D]
+    "decode_queries": ("batch", "act_heads", None),                # [B, H, D] one query per row
+    "kv_cache": ("batch", "cache_length", "act_kv_heads", None),   # [B, S, K, D]
+    "kv_scale": ("batch", "cache_length", "act_kv_heads"),         # [B, S, K] int8 cache scales
+    "logits": ("batch", "length", "act_vocab"),                    # [B, T, V]
+}
+
+REPLICATION_WARN_BYTES = 1 << 20   # dropped mesh axes are reported above this much per device
+
 _state = threading.local()
 
 
@@ -71,6 +93,35 @@ def axis_rules(rules: Sequence[tuple[str, MeshAxes]] | dict):
         yield
     finally:
         _state.rules = previous
+
+
+def jit_with_rules(fun=None, **jit_kwargs):
+    """``jax.jit`` whose compiled programs are keyed on the axis rules in force too.
+
+    The rules are read when a function is traced (by `constrain`, the
+    attention dispatch, ...), so they must key the cache like any static
+    argument: otherwise changing `axis_rules` after a first call would
+    silently reuse the old layout. The wrapper passes the current rules as a
+    hidden static argument and installs them while tracing.
+    """
+    if fun is None:
+        return functools.partial(jit_with_rules, **jit_kwargs)
+    static = tuple(jit_kwargs.pop("static_argnames", ())) + ("_axis_rules",)
+
+    def traced(*args, _axis_rules, **kwargs):
+        with axis_rules(_axis_rules):
+            return fun(*args, **kwargs)
+
+    compiled = jax.jit(traced, static_argnames=static, **jit_kwargs)
+
+    @functools.wraps(fun)
+    def call(*args, **kwargs):
+        return compiled(*args, _axis_rules=current_rules(), **kwargs)
+
+    call.lower = lambda *args, **kwargs: compiled.lower(*args, _axis_rules=current_rules(), **kwargs)
+    call.clear_cache = compiled.clear_cache
+    call.cache_size = compiled._cache_size
+    return call
 
 
 # --------------------------------------------------------------------- meshes
@@ -160,46 +211,76 @@ def active_mesh_axes() -> dict[str, int]:
     return dict(zip(mesh.axis_names, mesh.axis_sizes))
 
 
-def logical_to_spec(axes: Sequence[str | None], mesh_axes: "dict[str, int] | Sequence[str] | None" = None,
-                    rules=None, shape: Sequence[int] | None = None) -> PartitionSpec:
-    """PartitionSpec for logical ``axes``.
+def _rule_targets(rules, name) -> tuple[str, ...]:
+    target = dict(rules).get(name) if name is not None else None
+    return () if target is None else (target,) if isinstance(target, str) else tuple(target)
 
-    A mesh axis is used at most once, and (when ``shape`` and sizes are known)
-    only where it divides the dimension.
-    """
-    rules = dict(current_rules() if rules is None else rules)
-    if mesh_axes is None:
-        mesh_axes = active_mesh_axes()
-    sizes = dict(mesh_axes) if isinstance(mesh_axes, dict) else {a: None for a in mesh_axes}
+
+def _resolve(axes, sizes, rules, shape):
+    """(spec entries, mesh axes dropped because they do not divide their dimension)."""
     used: set[str] = set()
-    spec = []
+    spec, dropped = [], []
     for i, name in enumerate(axes):
-        target = rules.get(name) if name is not None else None
-        names = () if target is None else (target,) if isinstance(target, str) else tuple(target)
         chosen, extent = [], 1
-        for n in names:
+        for n in _rule_targets(rules, name):
             if n not in sizes or n in used:
                 continue
             size = sizes[n]
             if shape is not None and size is not None and shape[i] % (extent * size):
+                if size > 1:
+                    dropped.append((n, name, shape[i]))
                 continue
             chosen.append(n)
             extent *= size or 1
         used.update(chosen)
         spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
+    return spec, dropped
+
+
+def logical_to_spec(axes: Sequence[str | None], mesh_axes: "dict[str, int] | Sequence[str] | None" = None,
+                    rules=None, shape: Sequence[int] | None = None, dtype=None) -> PartitionSpec:
+    """PartitionSpec for logical ``axes``.
+
+    A mesh axis is used at most once, and (when ``shape`` and sizes are known)
+    only where it divides the dimension. Given ``dtype`` too, an array left
+    replicated that way above `REPLICATION_WARN_BYTES` per device is logged.
+    """
+    rules = current_rules() if rules is None else rules
+    if mesh_axes is None:
+        mesh_axes = active_mesh_axes()
+    sizes = dict(mesh_axes) if isinstance(mesh_axes, dict) else {a: None for a in mesh_axes}
+    spec, dropped = _resolve(axes, sizes, rules, shape)
+    if dropped and dtype is not None:
+        _warn_replicated(tuple(axes), tuple(shape), dtype, spec, sizes, dropped)
     return PartitionSpec(*spec)
 
 
-def named_sharding(mesh, axes: Sequence[str | None], shape: Sequence[int] | None = None) -> NamedSharding:
-    return NamedSharding(mesh, logical_to_spec(axes, mesh_sizes(mesh), shape=shape))
+_warned: set = set()
 
 
-def current_context_axis() -> str | None:
-    """The mesh axis the cache slots are split over, when the active mesh splits them."""
-    sizes = active_mesh_axes()
-    target = dict(current_rules()).get("cache_length")
-    names = () if target is None else (target,) if isinstance(target, str) else tuple(target)
-    for name in names:
+def _warn_replicated(axes, shape, dtype, spec, sizes, dropped) -> None:
+    parts = math.prod(sizes[n] or 1 for entry in spec if entry is not None
+                      for n in ((entry,) if isinstance(entry, str) else entry))
+    per_device = math.prod(shape) * np.dtype(dtype).itemsize / parts
+    key = (axes, shape)
+    if per_device <= REPLICATION_WARN_BYTES or key in _warned:
+        return
+    _warned.add(key)
+    what = "; ".join(f"mesh axis {n!r} ({sizes[n]}) does not divide {logical!r} ({dim})"
+                     for n, logical, dim in dropped)
+    log.warning("sharding: an array %s %s with logical axes %s stays replicated along part of its layout "
+                "(%.1f MiB per device): %s", shape, np.dtype(dtype).name, axes, per_device / 2**20, what)
+
+
+def named_sharding(mesh, axes: Sequence[str | None], shape: Sequence[int] | None = None,
+                   dtype=None) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(axes, mesh_sizes(mesh), shape=shape, dtype=dtype))
+
+
+def context_axis(mesh_axes: dict[str, int] | None = None) -> str | None:
+    """The mesh axis the cache slots are split over, when the mesh (default: the active one) splits them."""
+    sizes = active_mesh_axes() if mesh_axes is None else mesh_axes
+    for name in _rule_targets(current_rules(), "cache_length"):
         if sizes.get(name, 1) > 1:
             return name
     return None
@@ -210,7 +291,7 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     mesh_axes = active_mesh_axes()
     if not mesh_axes or all(v == 1 for v in mesh_axes.values()):
         return x
-    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, mesh_axes, shape=x.shape))
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, mesh_axes, shape=x.shape, dtype=x.dtype))
 
 
 # ------------------------------------------------------------------- batches
@@ -219,18 +300,7 @@ def batch_multiple(mesh) -> int:
     if mesh is None:
         return 1
     sizes = mesh_sizes(mesh)
-    target = dict(current_rules()).get("batch")
-    names = () if target is None else (target,) if isinstance(target, str) else target
-    return math.prod(sizes.get(n, 1) for n in names)
-
-
-def pad_rows(x: np.ndarray, multiple: int, fill=0) -> np.ndarray:
-    """Pads axis 0 up to a multiple (the padding is dropped from results)."""
-    extra = -x.shape[0] % multiple
-    if not extra:
-        return x
-    pad = np.full((extra,) + x.shape[1:], fill, dtype=x.dtype)
-    return np.concatenate([x, pad], axis=0)
+    return math.prod(sizes.get(n, 1) for n in _rule_targets(current_rules(), "batch"))
 
 
 def model_mesh(model) -> Mesh | None:

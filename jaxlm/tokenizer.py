@@ -20,6 +20,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from jaxlm.chat import render_messages
 from jaxlm.errors import JaxlmError
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -203,7 +204,5 @@ class InternLM2Tokenizer:
         ``name`` ("plugin" or "interpreter"), rendered as
         ``<|im_start|>environment name=<|plugin|>``.
         """
-        from jaxlm.chat import render_messages
-
         text = self.special_ids.get(self.bos_token_id, "<s>") + render_messages(messages, add_generation_prompt)
         return self.encode(text, add_special_tokens=False) if tokenize else text

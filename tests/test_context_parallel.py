@@ -9,9 +9,9 @@ from jax.experimental.pallas import tpu as pltpu
 
 from jaxlm import InternLM2ForCausalLM
 from jaxlm.kernels import flash_attention_with_lse, reference_attention
-from jaxlm.nn.attention import AttentionMask, attend_decode, xla_attention, xla_decode_attention
-from jaxlm.nn.context_parallel import Q_AXES, KV_AXES, prefill_attention
-from jaxlm.sharding import current_context_axis, make_mesh, named_sharding
+from jaxlm.nn.attention import AttentionMask, xla_attention, xla_decode_attention
+from jaxlm.nn.attention_plan import attend, plan_attention
+from jaxlm.sharding import ACT, context_axis, make_mesh, named_sharding
 
 TOL = 1e-4
 STRATEGIES = ["ring", "allgather", "xla"]
@@ -19,11 +19,11 @@ STRATEGIES = ["ring", "allgather", "xla"]
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("spec", ["context=8", "data=2,context=4", "fsdp=2,tensor=2,context=2"])
-def test_context_parallel_model_equals_single_device(golden, spec, strategy):
+def test_context_parallel_model_equals_single_device(golden, rng, spec, strategy):
     path = str(golden("tiny_gqa"))
     ref = np.load(golden("tiny_gqa") / "golden.npz")
     valid = ref["attention_mask"].astype(bool)
-    prompt = np.random.default_rng(2).integers(3, 1000, (2, 48))
+    prompt = rng.integers(3, 1000, (2, 48))
     single = InternLM2ForCausalLM.from_pretrained(path).generate(prompt, max_new_tokens=8, eos_token_id=None)
     for impl, scan in (("xla", False), ("pallas", True)):
         model = InternLM2ForCausalLM.from_pretrained(path, mesh=make_mesh(spec), attention_impl=impl,
@@ -39,13 +39,13 @@ def test_context_parallel_model_equals_single_device(golden, spec, strategy):
 
 @pytest.mark.parametrize("strategy, impl", [("allgather", "xla"), ("allgather", "pallas"), ("ring", "xla"),
                                             ("ring", "pallas")])
-def test_context_parallel_gradients_equal_single_device(golden, strategy, impl):
+def test_context_parallel_gradients_equal_single_device(golden, rng, strategy, impl):
     """Training on a context axis: the explicit strategies are differentiable and exact."""
     from flax import nnx
 
     path = str(golden("tiny_gqa"))
-    ids = np.random.default_rng(0).integers(3, 1000, (2, 48))
-    weights = jnp.asarray(np.random.default_rng(1).standard_normal((2, 48, 1000)), jnp.float32)
+    ids = rng.integers(3, 1000, (2, 48))
+    weights = jnp.asarray(rng.standard_normal((2, 48, 1000)), jnp.float32)
 
     def grads(model):
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -76,18 +76,20 @@ def _masks(B, T, S, rng):
 
 @pytest.mark.parametrize("strategy", ["ring", "allgather"])
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
-def test_prefill_strategies_equal_plain_attention(strategy, impl):
-    rng = np.random.default_rng(0)
+def test_prefill_strategies_equal_plain_attention(rng, strategy, impl):
     B, T, S, K, G, D = 2, 32, 64, 2, 2, 16
     q = jnp.asarray(rng.standard_normal((B, T, K, G, D)), jnp.float32)
     k, v = (jnp.asarray(rng.standard_normal((B, S, K, D)), jnp.float32) for _ in range(2))
     mesh = make_mesh("data=2,context=4")
     with jax.set_mesh(mesh):
-        q_s = jax.device_put(q, named_sharding(mesh, Q_AXES, q.shape))
-        k_s, v_s = (jax.device_put(x, named_sharding(mesh, KV_AXES, x.shape)) for x in (k, v))
+        q_s = jax.device_put(q, named_sharding(mesh, ACT["queries"], q.shape))
+        k_s, v_s = (jax.device_put(x, named_sharding(mesh, ACT["kv_cache"], x.shape)) for x in (k, v))
         assert q_s.addressable_shards[0].data.shape[1] == T // 4
         for name, mask in _masks(B, T, S, rng).items():
-            run = jax.jit(lambda q, k, v, mask: prefill_attention(q, k, v, mask, "context", impl, strategy))
+            plan = plan_attention(mask, q.shape, impl=impl, context=strategy)
+            assert (plan.context_axis, plan.context_strategy) == ("context", strategy), name
+            run = jax.jit(lambda q, k, v, mask: attend(q, k, v, mask, plan_attention(mask, q.shape, impl=impl,
+                                                                                      context=strategy)))
             got = run(q_s, k_s, v_s, mask)
             want = xla_attention(q, k, v, mask)
             rows = np.broadcast_to(np.asarray(mask.dense(T).any(-1)), (B, T))   # rows that read a key
@@ -103,7 +105,10 @@ def test_prefill_falls_back_when_the_axis_does_not_split_the_sequence():
     q = jnp.ones((1, 30, 2, 2, 16))
     k = jnp.ones((1, 30, 2, 16))
     with jax.set_mesh(make_mesh("context=8")):
-        assert prefill_attention(q, k, k, AttentionMask(30), "context") is None
+        plan = plan_attention(AttentionMask(30), q.shape, impl="xla")
+        assert plan.context_strategy is None   # left to XLA's partitioner
+        np.testing.assert_allclose(jax.jit(lambda q, k: attend(q, k, k, AttentionMask(30), plan))(q, k),
+                                   xla_attention(q, k, k, AttentionMask(30)), atol=1e-6)
 
 
 B, T, S, Hq, Hkv, D = 1, 128, 128, 4, 2, 64     # the lse-kernel cases: one 128 x 128 tile
@@ -120,9 +125,9 @@ def _kernel_case(seed, tpu):
 
 
 @pytest.mark.parametrize("tpu", [False, True], ids=["gpu-interpret", "tpu-interpret"])
-def test_flash_kernel_log_sum_exp_for_ring_steps(tpu):
+def test_flash_kernel_log_sum_exp_for_ring_steps(seed, tpu):
     """The kernel's (out, lse) for a key shard: causal offsets before, inside and after it."""
-    _, q, k, v, kw = _kernel_case(1, tpu)
+    _, q, k, v, kw = _kernel_case(seed, tpu)
     run = jax.jit(lambda offset: flash_attention_with_lse(q, k, v, causal=True, q_offset=offset, **kw))
     scores = np.einsum("bthd,bshd->bhts", q, jnp.repeat(k, Hq // Hkv, axis=2)) / np.sqrt(D)
     for offset in (-T, -40, 0, 60):   # -T: this shard lies wholly after every query
@@ -139,9 +144,9 @@ def test_flash_kernel_log_sum_exp_for_ring_steps(tpu):
 
 
 @pytest.mark.parametrize("tpu", [False, True], ids=["gpu-interpret", "tpu-interpret"])
-def test_flash_kernel_log_sum_exp_gradients(tpu):
+def test_flash_kernel_log_sum_exp_gradients(seed, tpu):
     """d/d(q, k, v) of a loss on both outputs, (out, lse), against plain float32 math."""
-    rng, q, k, v, kw = _kernel_case(4, tpu)
+    rng, q, k, v, kw = _kernel_case(seed, tpu)
     w_out = jnp.asarray(rng.standard_normal((B, T, Hq, D)), jnp.float32)
     w_lse = jnp.asarray(rng.standard_normal((B, T, Hq)), jnp.float32)
 
@@ -171,18 +176,22 @@ def test_flash_kernel_log_sum_exp_gradients(tpu):
             np.testing.assert_allclose(g, w, atol=2e-4, rtol=1e-3, err_msg=f"d{name} offset={offset}")
 
 
-def test_decode_merges_cache_shards_by_log_sum_exp():
+def test_decode_merges_cache_shards_by_log_sum_exp(rng):
     """The context-parallel decode: each device's shard, merged by LSE, equals the whole cache."""
-    rng = np.random.default_rng(3)
     B, S, K, G, D = 2, 64, 2, 2, 16
     q = jnp.asarray(rng.standard_normal((B, K * G, D)), jnp.float32)
     kc, vc = (jnp.asarray(rng.standard_normal((B, S, K, D)), jnp.float32) for _ in range(2))
     lengths = jnp.asarray([5, 50], jnp.int32)  # row 0 lives on the first shard only
     mesh = make_mesh("context=8")
+    mask = AttentionMask.decoding(S, lengths)
+    q5 = q.reshape(B, 1, K, G, D)
     with jax.set_mesh(mesh):
-        assert current_context_axis() == "context"
-        cache_sharding = named_sharding(mesh, ("batch", "cache_length", "act_kv_heads", None))
+        assert context_axis() == "context"
+        plan = plan_attention(mask, q5.shape, impl="xla")
+        assert (plan.mode, plan.context_strategy) == ("decode", "lse_merge")
+        cache_sharding = named_sharding(mesh, ACT["kv_cache"])
         kc_s, vc_s = jax.device_put(kc, cache_sharding), jax.device_put(vc, cache_sharding)
         assert kc_s.addressable_shards[0].data.shape[1] == S // 8
-        got = jax.jit(attend_decode)(q, kc_s, vc_s, lengths)
+        got = jax.jit(lambda q, kc, vc, mask: attend(q, kc, vc, mask, plan))(q5, kc_s, vc_s, mask)
+        got = got.reshape(B, K * G, D)
     np.testing.assert_allclose(got, xla_decode_attention(q, kc, vc, lengths), atol=1e-5)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from jaxlm import InternLM2ForCausalLM, JaxlmError
-from jaxlm.generation import engine
+from jaxlm.runtime import engine
+from jaxlm.runtime.generate import chat_inputs
 from jaxlm.tokenizer import InternLM2Tokenizer
 
 
@@ -47,7 +48,7 @@ def test_golden_generation_with_pallas_kernels(golden):
 
 def test_golden_chat_and_stream_chat(chat_case):
     model, tok, ref, case = chat_case
-    ids, eos = model._chat_inputs(tok, case["query"], case["history"], case["meta_instruction"])
+    ids, eos = chat_inputs(tok, case["query"], case["history"], case["meta_instruction"])
     np.testing.assert_array_equal(ids, ref["prompt_ids"])
     assert eos == [2, 92542]
     history = [tuple(h) for h in case["history"]]
@@ -62,11 +63,11 @@ def test_golden_chat_and_stream_chat(chat_case):
 
 @pytest.mark.parametrize("rope", [None, {"type": "dynamic", "factor": 2.0}, {"type": "linear", "factor": 3.0}],
                          ids=["plain", "dynamic", "linear"])
-def test_cached_decoding_equals_full_recomputation(make_hf_checkpoint, rope):
+def test_cached_decoding_equals_full_recomputation(make_hf_checkpoint, rng, rope):
     # max_position_embeddings 16 < prompt + new: dynamic NTK scales, fixed once for the call
     model = InternLM2ForCausalLM.from_pretrained(
         make_hf_checkpoint(rope_scaling=rope, max_position_embeddings=16))
-    prompt = np.random.default_rng(1).integers(3, 256, (2, 9))
+    prompt = rng.integers(3, 256, (2, 9))
     out = model.generate(prompt, max_new_tokens=10, eos_token_id=None, return_dict_in_generate=True,
                          output_logits=True)
     seq = out["sequences"]
@@ -83,8 +84,7 @@ def test_scanned_model_generates_the_same(make_hf_checkpoint, tiny):
                                   tiny.generate(prompt, max_new_tokens=6, eos_token_id=None))
 
 
-def test_left_padded_batch_gives_each_rows_result(tiny):
-    rng = np.random.default_rng(2)
+def test_left_padded_batch_gives_each_rows_result(tiny, rng):
     rows = [rng.integers(3, 256, n) for n in (11, 4, 8)]
     width = 11
     ids = np.full((3, width), 2)
@@ -169,9 +169,8 @@ def test_streamer_protocol(tiny):
     assert [int(c[0]) for c in rec.calls[1:-1]] == out[0, 7:].tolist() and rec.calls[-1] == "end"
 
 
-def test_buckets_avoid_recompiling_every_turn(tiny):
+def test_buckets_avoid_recompiling_every_turn(tiny, rng):
     before = dict(engine.COMPILES)
-    rng = np.random.default_rng(4)
     for n in (20, 23, 27, 31):  # one prompt bucket (32), one new-token bucket
         tiny.generate(rng.integers(3, 256, (1, n)), max_new_tokens=5, eos_token_id=None)
     new = {k: engine.COMPILES[k] - before.get(k, 0) for k in engine.COMPILES}

@@ -16,14 +16,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm import tqdm  # plain text bars (tqdm.auto wants ipywidgets in notebooks)
 
 from jaxlm.checkpoint import hf_layout, jaxlm_format
 from jaxlm.checkpoint.hf_reader import HFCheckpoint, is_hf_checkpoint
 from jaxlm.config import InternLM2Config
 from jaxlm.errors import CheckpointError
 from jaxlm.files import atomic_output_dir, copy_if_present, is_main_process
-from jaxlm.generation.config import GenerationDefaults
 from jaxlm.nn.params import logical_axes
+from jaxlm.options import ModelOptions
+from jaxlm.runtime.config import GenerationDefaults
+from jaxlm.sharding import check_mesh_for_model, named_sharding
 
 # Files that travel with the weights (tokenizer, generation defaults, and the
 # original remote code so the HF side still loads with trust_remote_code).
@@ -51,9 +54,8 @@ def _variables(state: nnx.State) -> dict[str, nnx.Variable]:
 def param_sharding(var: nnx.Variable, mesh, shape=None):
     if mesh is None:
         return jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    from jaxlm.sharding import named_sharding
-
-    return named_sharding(mesh, logical_axes(var), shape if shape is not None else var.get_value().shape)
+    value = var.get_value()
+    return named_sharding(mesh, logical_axes(var), shape if shape is not None else value.shape, value.dtype)
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -126,9 +128,7 @@ class _StateFiller:
                 raise CheckpointError(f"{source}: no value for parameter {key!r}")
 
 
-def load_pretrained(cls, path: str, *, dtype=None, param_dtype=None, mesh=None,
-                    scan_layers: bool = False, attention_impl: str = "auto", remat: str = "none",
-                    max_context: int | None = None, kv_cache_dtype=None, context_attention: str = "allgather"):
+def load_pretrained(cls, path: str, options: ModelOptions | None = None, *, mesh=None):
     """`InternLM2ForCausalLM.from_pretrained`: HF directory or jaxlm checkpoint."""
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a directory (expected an HF or jaxlm checkpoint)")
@@ -143,20 +143,12 @@ def load_pretrained(cls, path: str, *, dtype=None, param_dtype=None, mesh=None,
     else:
         raise CheckpointError(f"{path}: neither an HF checkpoint (model.safetensors, pytorch_model.bin "
                               f"or an index) nor a jaxlm checkpoint ({jaxlm_format.MARKER})")
-    param_dtype = param_dtype or stored_dtype
-    dtype = dtype or param_dtype
-    model = nnx.eval_shape(lambda: cls(config, dtype=dtype, param_dtype=param_dtype,
-                                       scan_layers=scan_layers, attention_impl=attention_impl,
-                                       remat=remat, max_context=max_context, kv_cache_dtype=kv_cache_dtype,
-                                       context_attention=context_attention, rngs=nnx.Rngs(0)))
+    options = ModelOptions.build(options).resolve(stored_dtype)
+    model = nnx.eval_shape(lambda: cls(config, options, rngs=nnx.Rngs(0)))
     if mesh is not None:
-        from jaxlm.sharding import check_mesh_for_model
-
         check_mesh_for_model(mesh, config)
     filler = _StateFiller(model, mesh)
     if reader is not None:
-        from tqdm import tqdm  # plain text bars (tqdm.auto wants ipywidgets in notebooks)
-
         entries = reader.validate()
         for entry in tqdm(entries, desc=f"loading {os.path.basename(os.path.normpath(path))}",
                           unit="tensor", disable=reader.total_bytes() <= (1 << 30)):

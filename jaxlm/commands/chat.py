@@ -5,6 +5,8 @@ Commands at the prompt: ``/reset`` forgets the conversation, ``/exit`` quits.
 
 import sys
 
+from jaxlm.chat import DEFAULT_META_INSTRUCTION
+from jaxlm.cli_util import quiet_runtime_logs, user_errors
 from jaxlm.commands.common import (Rate, add_model_args, add_sampling_args, load_model_and_tokenizer,
                                    sampling_kwargs)
 
@@ -17,9 +19,6 @@ def build_parser(parser):
 
 
 def run(args) -> int:
-    from jaxlm.chat import DEFAULT_META_INSTRUCTION
-    from jaxlm.cli_util import quiet_runtime_logs, user_errors
-
     quiet_runtime_logs()
     with user_errors():
         model, tokenizer = load_model_and_tokenizer(args)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import time
 
+from jaxlm.models.causal_lm import InternLM2ForCausalLM
+from jaxlm.tokenizer import InternLM2Tokenizer
+
 
 def add_model_args(parser, required: bool = True):
     parser.add_argument("--model", required=required, help="HF or jaxlm checkpoint directory")
@@ -31,9 +34,6 @@ def sampling_kwargs(args) -> dict:
 
 
 def load_model_and_tokenizer(args):
-    from jaxlm import InternLM2ForCausalLM
-    from jaxlm.tokenizer import InternLM2Tokenizer
-
     tokenizer = InternLM2Tokenizer.from_pretrained(args.tokenizer or args.model)
     model = InternLM2ForCausalLM.from_pretrained(args.model, dtype=args.dtype, scan_layers=args.scan_layers)
     return model, tokenizer

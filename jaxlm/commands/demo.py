@@ -9,6 +9,19 @@ import os
 import tempfile
 import time
 
+import jax
+import numpy as np
+
+from jaxlm.assets import TINY_DIR
+from jaxlm.checkpoint.convert import hf_to_jaxlm, jaxlm_to_hf
+from jaxlm.checkpoint.hf_reader import HFCheckpoint
+from jaxlm.cli_util import quiet_runtime_logs, user_errors
+from jaxlm.models.causal_lm import InternLM2ForCausalLM
+from jaxlm.tokenizer import InternLM2Tokenizer
+from jaxlm.train.config import DataSection, ModelSection, TrainConfig
+from jaxlm.train.step import OptimizerConfig
+from jaxlm.train.trainer import train
+
 
 def build_parser(parser):
     parser.add_argument("--workdir", default=None, help="where to write (default: a temporary directory)")
@@ -18,8 +31,6 @@ def build_parser(parser):
 
 
 def run(args) -> int:
-    from jaxlm.cli_util import quiet_runtime_logs, user_errors
-
     quiet_runtime_logs()
     with user_errors():
         workdir = args.workdir or tempfile.mkdtemp(prefix="jaxlm-demo-")
@@ -27,12 +38,6 @@ def run(args) -> int:
 
 
 def tiny_sft_config(steps: int):
-    import jax
-
-    from jaxlm.assets import TINY_DIR
-    from jaxlm.train.config import DataSection, ModelSection, TrainConfig
-    from jaxlm.train.step import OptimizerConfig
-
     return TrainConfig(
         model=ModelSection(name="tiny", scan_layers=True, attention_impl="xla"),
         data=DataSection(train_files=(os.path.join(TINY_DIR, "train.jsonl"),),
@@ -46,13 +51,6 @@ def tiny_sft_config(steps: int):
 
 
 def _demo(workdir: str, steps: int, progress: bool) -> int:
-    import numpy as np
-
-    from jaxlm import InternLM2ForCausalLM, InternLM2Tokenizer
-    from jaxlm.checkpoint.convert import hf_to_jaxlm, jaxlm_to_hf
-    from jaxlm.checkpoint.hf_reader import HFCheckpoint
-    from jaxlm.train.trainer import train
-
     t0 = time.perf_counter()
     print(f"[1/3] fine-tuning the bundled tiny InternLM2 on the capitals task ({steps} steps) in {workdir}")
     result = train(tiny_sft_config(steps), os.path.join(workdir, "train"), progress=progress, log=print)

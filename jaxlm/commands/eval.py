@@ -8,6 +8,13 @@
 import json
 import sys
 
+from jaxlm.cli_util import quiet_runtime_logs, user_errors
+from jaxlm.eval.needle import build_parser as needle_parser
+from jaxlm.eval.needle import main_args
+from jaxlm.eval.ppl import perplexity, read_text
+from jaxlm.models.causal_lm import InternLM2ForCausalLM
+from jaxlm.tokenizer import InternLM2Tokenizer
+
 
 def build_parser(parser):
     sub = parser.add_subparsers(dest="eval_command", metavar="TASK", required=True)
@@ -20,8 +27,6 @@ def build_parser(parser):
     ppl.add_argument("--chunk", type=int, default=None, help="run each window in chunks of this many tokens")
     ppl.add_argument("--dtype", default=None)
     ppl.add_argument("--json", action="store_true")
-    from jaxlm.eval.needle import build_parser as needle_parser
-
     needle_parser(sub.add_parser("needle", help="needle in a haystack (see python -m jaxlm.eval.needle)"))
     passkey = needle_parser(sub.add_parser("passkey", help="passkey retrieval"))
     passkey.set_defaults(passkey=True)
@@ -30,16 +35,9 @@ def build_parser(parser):
 
 def run(args) -> int:
     if args.eval_command in ("needle", "passkey"):
-        from jaxlm.eval.needle import main_args
-
         return main_args(args)
-    from jaxlm.cli_util import quiet_runtime_logs, user_errors
-
     quiet_runtime_logs()
     with user_errors():
-        from jaxlm import InternLM2ForCausalLM, InternLM2Tokenizer
-        from jaxlm.eval.ppl import perplexity, read_text
-
         model = InternLM2ForCausalLM.from_pretrained(args.model, dtype=args.dtype)
         tokenizer = InternLM2Tokenizer.from_pretrained(args.tokenizer or args.model)
         result = perplexity(model, tokenizer.encode(read_text(args.data)), args.context, args.stride, args.chunk)

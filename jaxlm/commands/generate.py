@@ -3,6 +3,9 @@
 import json
 import sys
 
+from jaxlm.chat import DEFAULT_META_INSTRUCTION
+from jaxlm.cli_util import quiet_runtime_logs, user_errors
+from jaxlm.runtime.generate import chat_inputs
 from jaxlm.commands.common import (Rate, add_model_args, add_sampling_args, load_model_and_tokenizer,
                                    sampling_kwargs)
 
@@ -18,15 +21,13 @@ def build_parser(parser):
 
 
 def run(args) -> int:
-    from jaxlm.cli_util import quiet_runtime_logs, user_errors
-
     quiet_runtime_logs()
     with user_errors():
         model, tokenizer = load_model_and_tokenizer(args)
         kwargs = sampling_kwargs(args)
         rate = Rate()
         if args.chat:
-            prompt_ids, eos = model._chat_inputs(tokenizer, args.prompt, [], _meta())
+            prompt_ids, eos = chat_inputs(tokenizer, args.prompt, [], DEFAULT_META_INSTRUCTION)
             kwargs["eos_token_id"] = eos
         else:
             prompt_ids = [tokenizer.encode(args.prompt)]
@@ -45,8 +46,3 @@ def run(args) -> int:
     print(rate.summary(), file=sys.stderr)
     return 0
 
-
-def _meta():
-    from jaxlm.chat import DEFAULT_META_INSTRUCTION
-
-    return DEFAULT_META_INSTRUCTION

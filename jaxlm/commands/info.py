@@ -2,6 +2,9 @@
 
 import json
 
+from jaxlm.cli_util import user_errors
+from jaxlm.config import InternLM2Config
+
 
 def build_parser(parser):
     parser.add_argument("--model", required=True, help="HF or jaxlm directory, or a preset name")
@@ -10,9 +13,6 @@ def build_parser(parser):
 
 
 def run(args) -> int:
-    from jaxlm.cli_util import user_errors
-    from jaxlm.config import InternLM2Config
-
     with user_errors():
         cfg = InternLM2Config.from_pretrained(args.model)
     info = {"hidden_size": cfg.hidden_size, "layers": cfg.num_hidden_layers,

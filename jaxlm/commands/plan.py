@@ -6,6 +6,10 @@
 
 import json
 
+from jaxlm.cli_util import quiet_runtime_logs, user_errors
+from jaxlm.config import InternLM2Config
+from jaxlm.plan import plan_memory
+
 
 def build_parser(parser):
     src = parser.add_mutually_exclusive_group(required=True)
@@ -35,10 +39,6 @@ def build_parser(parser):
 
 
 def run(args) -> int:
-    from jaxlm.cli_util import quiet_runtime_logs, user_errors
-    from jaxlm.config import InternLM2Config
-    from jaxlm.plan import plan_memory
-
     quiet_runtime_logs()
     with user_errors():
         config = InternLM2Config.from_pretrained(args.preset or args.model)

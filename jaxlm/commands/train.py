@@ -5,6 +5,11 @@ Running the same command on the same workdir resumes from its last checkpoint.
 
 import sys
 
+from jaxlm import distributed
+from jaxlm.cli_util import quiet_runtime_logs, user_errors
+from jaxlm.train.config import load_experiment
+from jaxlm.train.trainer import train
+
 
 def build_parser(parser):
     parser.add_argument("--config", required=True, help="experiment file with a config() function")
@@ -17,14 +22,8 @@ def build_parser(parser):
 
 
 def run(args) -> int:
-    from jaxlm.cli_util import quiet_runtime_logs, user_errors
-
     quiet_runtime_logs()
     with user_errors():
-        from jaxlm import distributed
-        from jaxlm.train.config import load_experiment
-        from jaxlm.train.trainer import train
-
         distributed.initialize()
         overrides = list(args.overrides) + (["strict=true"] if args.strict else [])
         cfg = load_experiment(args.config, overrides)

@@ -18,6 +18,14 @@ import random
 import sys
 import time
 
+from jaxlm.cli_util import quiet_runtime_logs, user_errors
+from jaxlm.errors import JaxlmError
+from jaxlm.eval import haystack
+from jaxlm.files import atomic_output_dir
+from jaxlm.models.causal_lm import InternLM2ForCausalLM
+from jaxlm.sharding import make_mesh
+from jaxlm.tokenizer import InternLM2Tokenizer
+
 
 def parse_lengths(text: str) -> list[int]:
     out = []
@@ -32,8 +40,6 @@ def parse_lengths(text: str) -> list[int]:
 
 def run(model, tokenizer, lengths, depths, *, passkey: bool = False, chunk: int | None = None,
         max_new_tokens: int = 24, kv_cache_dtype=None, seed: int = 0, log=print) -> list[dict]:
-    from jaxlm.eval import haystack
-
     rng = random.Random(seed)
     results = []
     for length in lengths:
@@ -105,15 +111,8 @@ def build_parser(parser=None):
 
 
 def main_args(args) -> int:
-    from jaxlm.cli_util import quiet_runtime_logs, user_errors
-    from jaxlm.files import atomic_output_dir
-
     quiet_runtime_logs()
     with user_errors():
-        from jaxlm import InternLM2ForCausalLM, InternLM2Tokenizer
-        from jaxlm.errors import JaxlmError
-        from jaxlm.sharding import make_mesh
-
         lengths, depths = parse_lengths(args.lengths), [float(d) for d in args.depths.split(",") if d.strip()]
         if not lengths or not depths:
             raise JaxlmError("--lengths and --depths need at least one value each")

@@ -9,6 +9,7 @@ import math
 import numpy as np
 
 from jaxlm.errors import JaxlmError
+from jaxlm.train.step import token_losses
 
 
 def read_text(path: str) -> str:
@@ -31,8 +32,6 @@ def read_text(path: str) -> str:
 
 
 def perplexity(model, ids: list[int], context: int, stride: int, chunk: int | None = None) -> dict:
-    from jaxlm.train.step import token_losses
-
     if context < 2 or stride < 1 or stride > context:
         raise JaxlmError(f"--context ({context}) must be >= 2 and --stride ({stride}) in 1..context")
     if len(ids) < 2:

@@ -14,8 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Finite, so a fully masked row (padding) stays NaN-free: exp(MASK - MASK) = 1,
-# and any real score wipes it out through the running-max correction.
+from jaxlm.arrays import pad_axis, round_up  # noqa: F401  (the kernels' padding)
+
+# The one "minus infinity" of every attention path (kernels, XLA cores): finite,
+# so a fully masked row (left padding) gets a uniform softmax instead of NaN, as
+# the reference's finfo.min masking does (exp(MASK - MASK) = 1), and any real
+# score wipes it out through the running-max correction. 0.7 x max, not max,
+# leaves room for the kernels' running-max arithmetic without overflow.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 HEAD_DIMS = (64, 128, 256)
 
@@ -70,16 +75,24 @@ def block_sizes_for(kind: str, head_dim: int, override: BlockSizes | dict | None
     return override
 
 
-def round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
+def kernel_family(interpret, backend=None) -> tuple[str, object]:
+    """(kernel family, interpret argument) for one kernel call.
 
-
-def pad_axis(x: jax.Array, axis: int, length: int, value=0) -> jax.Array:
-    if x.shape[axis] == length:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, length - x.shape[axis])
-    return jnp.pad(x, widths, constant_values=value)
+    Families: "gpu" (Triton), "tpu" (Mosaic), "interpret" (the GPU kernels
+    emulated on CPU). ``backend`` ("gpu" or "tpu") forces a family, e.g. to
+    lower for a platform other than the one running (``jax.export`` checks in
+    the tests); ``InterpretParams`` as ``interpret`` runs the TPU kernels so.
+    """
+    if backend is not None:
+        if backend not in ("gpu", "tpu"):
+            raise ValueError(f"backend: expected 'gpu' or 'tpu', got {backend!r}")
+        return backend, interpret or False
+    backend = default_backend()
+    if interpret is None:
+        interpret = backend not in ("gpu", "tpu")
+    if backend == "tpu" or type(interpret).__name__ == "InterpretParams":
+        return "tpu", interpret if interpret else False
+    return ("interpret" if interpret else "gpu"), bool(interpret)
 
 
 def check_inputs(q, k, v, segment_ids, causal):

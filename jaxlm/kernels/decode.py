@@ -25,8 +25,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxlm.kernels.common import (MASK_VALUE, block_sizes_for, dot_precision, kernel_head_dim, merge_splits,
-                                  pad_axis, pallas_call, round_up)
+from jaxlm.kernels.common import (MASK_VALUE, block_sizes_for, dot_precision, kernel_family, kernel_head_dim,
+                                  merge_splits, pad_axis, pallas_call, round_up)
 
 
 def decode_attention(q, k_cache, v_cache, lengths, *, sm_scale: float | None = None, block_k: int | None = None,
@@ -49,9 +49,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, sm_scale: float | None = N
         raise ValueError(f"decode_attention: q {q.shape} does not match the caches {k_cache.shape}")
     if lengths.shape != (B,):
         raise ValueError(f"decode_attention: lengths must be [B] = ({B},), got {lengths.shape}")
-    from jaxlm.kernels.flash import _kind
-
-    family, interpret = _kind(interpret, backend)
+    family, interpret = kernel_family(interpret, backend)
     Dk = kernel_head_dim(D)  # zero-padded head dims leave scores and outputs unchanged
     sizes = block_sizes_for(family, Dk)
     bk = block_k or sizes.decode_block_k

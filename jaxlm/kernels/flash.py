@@ -14,30 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.kernels import flash_gpu, flash_tpu
-from jaxlm.kernels.common import (BlockSizes, block_sizes_for, check_inputs, default_backend, kernel_head_dim,
+from jaxlm.kernels.common import (BlockSizes, block_sizes_for, check_inputs, kernel_family, kernel_head_dim,
                                   pad_axis, round_up)
-
-
-def _kind(interpret, backend=None) -> tuple[str, object]:
-    """(kernel family, interpret argument) for this call.
-
-    ``backend`` ("gpu" or "tpu") forces a kernel family, e.g. to lower for a
-    platform other than the one running (``jax.export`` checks in the tests).
-    """
-    if backend is not None:
-        if backend not in ("gpu", "tpu"):
-            raise ValueError(f"backend: expected 'gpu' or 'tpu', got {backend!r}")
-        return backend, interpret or False
-    backend = default_backend()
-    if interpret is None:
-        interpret = backend not in ("gpu", "tpu")
-    if backend == "tpu" or _is_tpu_interpret(interpret):
-        return "tpu", interpret if interpret else False
-    return ("interpret" if interpret else "gpu"), bool(interpret)
-
-
-def _is_tpu_interpret(interpret) -> bool:
-    return type(interpret).__name__ == "InterpretParams"
 
 
 def flash_attention(q, k, v, *, causal: bool = True, segment_ids=None, sm_scale: float | None = None,
@@ -106,7 +84,7 @@ def _prepare(q, k, v, causal=True, segment_ids=None, sm_scale=None, block_sizes=
              backend=None, q_offset=None, kv_segment_ids=None):
     """Checked, head-padded operands and the static kernel choices, in `_flash`'s argument order."""
     check_inputs(q, k, v, segment_ids if kv_segment_ids is None else None, causal and q_offset is None)
-    family, interpret = _kind(interpret, backend)
+    family, interpret = kernel_family(interpret, backend)
     D = q.shape[-1]
     Dk = kernel_head_dim(D)  # zero-padding the head dim leaves scores and outputs unchanged
     sizes = block_sizes_for(family, Dk, block_sizes)

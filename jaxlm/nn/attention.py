@@ -8,6 +8,9 @@ Masks are described, not materialized (`AttentionMask`): causal by slot, key
 validity by length or flags, and packed segments. Short sequences build the
 dense ``[B, T, S]`` mask; long ones are processed block by block so memory
 stays O(block x S), never O(T x S).
+
+This module holds the XLA cores; which implementation runs for a given mask
+and mesh is decided in one place, `jaxlm.nn.attention_plan`.
 """
 
 from __future__ import annotations
@@ -17,9 +20,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-# A finite "minus infinity": a fully masked row (left padding) then gives a
-# uniform softmax instead of NaN, as the reference's finfo.min masking does.
-MASK_VALUE = float(jnp.finfo(jnp.float32).min)
+from jaxlm.arrays import pad_axis
+from jaxlm.kernels.common import MASK_VALUE
 
 
 @jax.tree_util.register_dataclass
@@ -31,6 +33,12 @@ class AttentionMask:
     slots ``<=`` its own. ``key_lengths [B]`` or ``key_valid [B, S]`` drop keys;
     ``q_segment [B, T]`` / ``kv_segment [B, S]`` keep attention inside packed
     examples. ``kv_len`` (static) is how many key slots are read.
+
+    ``decode`` (static) marks a decoding step: one query per row, at slot
+    ``key_lengths[b] - 1`` (its own key already written), reading the cache
+    slots ``< key_lengths[b]``. It is set only by `AttentionMask.decoding`,
+    never inferred from the query length: a one-token prefill chunk is not a
+    decoding step (its padding and segments still apply).
     """
 
     kv_len: int = dataclasses.field(metadata=dict(static=True))
@@ -40,6 +48,13 @@ class AttentionMask:
     key_valid: jax.Array | None = None
     q_segment: jax.Array | None = None
     kv_segment: jax.Array | None = None
+    decode: bool = dataclasses.field(default=False, metadata=dict(static=True))
+
+    @classmethod
+    def decoding(cls, kv_len: int, key_lengths: jax.Array) -> "AttentionMask":
+        """One new query per row against a cache of ``kv_len`` slots, ``key_lengths [B]`` of them valid."""
+        key_lengths = jnp.asarray(key_lengths, jnp.int32)
+        return cls(kv_len, True, key_lengths - 1, key_lengths, decode=True)
 
     def block(self, q_start, q_len: int, k_start, k_len: int) -> jax.Array:
         """Boolean ``[B or 1, q_len, k_len]`` for queries/keys starting at these indices."""
@@ -61,12 +76,6 @@ class AttentionMask:
 
     def dense(self, q_len: int) -> jax.Array:
         return self.block(0, q_len, 0, self.kv_len)
-
-
-def make_attention_mask(q_len: int, kv_len: int, *, key_valid=None, q_segment=None, kv_segment=None,
-                        causal: bool = True, q_offset=0) -> jax.Array:
-    """Dense boolean ``[B or 1, T, S]`` mask (see `AttentionMask`)."""
-    return AttentionMask(kv_len, causal, q_offset, None, key_valid, q_segment, kv_segment).dense(q_len)
 
 
 CAUSAL_BLOCK = 128
@@ -135,13 +144,12 @@ def blockwise_attention(q, k, v, mask: AttentionMask, sm_scale=None, q_block: in
     scale = sm_scale if sm_scale is not None else D ** -0.5
     bq, bk = min(q_block, T), min(k_block, S)
     nq, nk = -(-T // bq), -(-S // bk)
-    q = jnp.pad(q, ((0, 0), (0, nq * bq - T), (0, 0), (0, 0), (0, 0)))
-    k = jnp.pad(k, ((0, 0), (0, nk * bk - S), (0, 0), (0, 0)))
-    v = jnp.pad(v, ((0, 0), (0, nk * bk - S), (0, 0), (0, 0)))
+    q = pad_axis(q, 1, nq * bq)
+    k, v = pad_axis(k, 1, nk * bk), pad_axis(v, 1, nk * bk)
     pad_mask = dataclasses.replace(
         mask, kv_len=nk * bk,
-        key_valid=_pad_to(mask.key_valid, nk * bk, False),
-        q_segment=_pad_to(mask.q_segment, nq * bq, -1), kv_segment=_pad_to(mask.kv_segment, nk * bk, -2))
+        key_valid=pad_axis(mask.key_valid, 1, nk * bk, False),
+        q_segment=pad_axis(mask.q_segment, 1, nq * bq, -1), kv_segment=pad_axis(mask.kv_segment, 1, nk * bk, -2))
     if pad_mask.key_valid is None and nk * bk != S:
         pad_mask = dataclasses.replace(pad_mask, key_valid=(jnp.arange(nk * bk) < S)[None, :])
     dynamic_edge = mask.causal and not isinstance(mask.q_offset, int)
@@ -191,12 +199,6 @@ def blockwise_attention(q, k, v, mask: AttentionMask, sm_scale=None, q_block: in
     return jax.tree.map(unblock, blocks)
 
 
-def _pad_to(x, length: int, value):
-    if x is None or x.shape[1] == length:
-        return x
-    return jnp.pad(x, ((0, 0), (0, length - x.shape[1])), constant_values=value)
-
-
 def xla_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array,
                          sm_scale: float | None = None, return_lse: bool = False):
     """One new query per row against a KV cache: ``q [B, Hq, D]``, caches ``[B, S, Hkv, D]``.
@@ -224,85 +226,3 @@ def xla_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, l
         lse = jnp.where(total > 0, m[:, 0] + jnp.log(jnp.where(total > 0, total, 1.0)), -jnp.inf)
         return out.reshape(B, Hq, D), lse.reshape(B, Hq)
     return out.reshape(B, Hq, D).astype(q.dtype)
-
-
-# ------------------------------------------------------------------- dispatch
-IMPLS = ("xla", "pallas", "cudnn")
-
-
-def resolve_impl(impl: str) -> str:
-    """'auto' -> Pallas on GPU/TPU, XLA elsewhere."""
-    if impl != "auto":
-        return impl
-    return "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
-
-
-def _flash_args(mask: AttentionMask, T: int):
-    """Keyword arguments of the flash kernel for this mask, or None when it does not fit."""
-    S = mask.kv_len
-    offset = mask.q_offset
-    if not isinstance(offset, int) and jnp.ndim(offset) != 0:
-        return None  # per-row offsets (decoding) go to the decode kernel
-    # key_lengths: keys past a row's length come after its valid queries, so a
-    # causal mask already hides them (padded queries produce ignored rows).
-    if mask.key_lengths is not None and not mask.causal:
-        return None
-    q_seg, kv_seg = mask.q_segment, mask.kv_segment
-    if mask.key_valid is not None:
-        valid = mask.key_valid.astype(jnp.int32)
-        if valid.shape[0] == 1:
-            valid = jnp.broadcast_to(valid, (q_seg.shape[0] if q_seg is not None else valid.shape[0], S))
-        kv_seg = valid if kv_seg is None else jnp.where(valid > 0, kv_seg, -1)
-        if q_seg is None:  # queries keep segment 1: valid ones read only valid keys
-            q_seg = jnp.ones((kv_seg.shape[0], T), jnp.int32)
-    static = isinstance(offset, int) and offset == S - T
-    if T == S and static:  # one segment array serves queries and keys (pads: their own segment)
-        return dict(causal=mask.causal, segment_ids=kv_seg if kv_seg is not None else q_seg)
-    return dict(causal=mask.causal, segment_ids=q_seg, kv_segment_ids=kv_seg, q_offset=None if static else offset)
-
-
-def attend(q, k, v, mask: AttentionMask, impl: str = "xla", context: str = "xla"):
-    """``q [B,T,K,G,D]``, ``k/v [B,S,K,D]`` -> ``[B,T,K,G,D]`` with the chosen implementation.
-
-    ``context`` is the strategy on a mesh whose ``context`` axis splits the
-    sequence: ``"allgather"``, ``"ring"`` or ``"xla"`` (left to the
-    partitioner); see `jaxlm.nn.context_parallel`.
-    """
-    impl = resolve_impl(impl)
-    B, T, K, G, D = q.shape
-    if context != "xla" and T > 1:
-        from jaxlm.nn.context_parallel import prefill_attention
-        from jaxlm.sharding import current_context_axis
-
-        axis = current_context_axis()
-        out = prefill_attention(q, k, v, mask, axis, impl, context) if axis else None
-        if out is not None:
-            return out
-    args = None if impl == "xla" else _flash_args(mask, T)
-    if args is None:
-        return xla_attention(q, k, v, mask)
-    q4 = q.reshape(B, T, K * G, D)
-    if impl == "cudnn":
-        if args["segment_ids"] is None and args["q_offset"] is None and k.shape[1] == T:
-            out = jax.nn.dot_product_attention(q4, k, v, is_causal=args["causal"], implementation="cudnn")
-            return out.reshape(B, T, K, G, D)
-        impl = "pallas"  # cuDNN's fused path takes no segment ids / offsets here
-    from jaxlm.kernels import flash_attention
-
-    return flash_attention(q4, k, v, **args).reshape(B, T, K, G, D)
-
-
-def attend_decode(q, k_cache, v_cache, lengths, impl: str = "xla"):
-    """One query per row against the cache; Pallas split-K kernel or XLA.
-
-    On a mesh with a ``context`` axis (the cache split along its slots), each
-    device attends to its own slots and the partial results are merged by
-    log-sum-exp across the axis (`jaxlm.nn.context_parallel`).
-    """
-    from jaxlm.nn import context_parallel
-    from jaxlm.sharding import current_context_axis
-
-    axis = current_context_axis()
-    if axis:
-        return context_parallel.decode_attention(q, k_cache, v_cache, lengths, axis, impl)
-    return context_parallel.decode_with_lse(q, k_cache, v_cache, lengths, impl)[0].astype(q.dtype)

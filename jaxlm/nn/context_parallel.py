@@ -16,7 +16,9 @@ queries. The ways to attend, by the shape of the work:
 - ``"xla"``: none of the above; the layout is left to XLA's partitioner,
   which gathers the queries too and repeats the attention on every device.
 
-`benchmarks/context_parallel.py` measures the three (memory per device,
+The attention each device runs on its own shards is passed in as ``local``
+by the dispatcher (`jaxlm.nn.attention_plan`), which decides it once for
+every path. `benchmarks/context_parallel.py` measures the three (memory per device,
 collectives, time); see `benchmarks/RESULTS.md`. These are written as
 explicit `shard_map` programs because the partitioner, left alone, does the
 redundant work above. Both are differentiable with either attention
@@ -26,58 +28,37 @@ context axis uses the default, the all-gather.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 
-from jaxlm.nn.attention import AttentionMask, _flash_args, blockwise_attention, resolve_impl, xla_decode_attention
-from jaxlm.sharding import active_mesh_axes, logical_to_spec
+from jaxlm.kernels.common import merge_splits
+from jaxlm.nn.attention import AttentionMask
+from jaxlm.sharding import ACT, active_mesh_axes, logical_to_spec
 
 STRATEGIES = ("ring", "allgather", "xla")
 
-Q_AXES = ("batch", "length", "act_kv_heads", None, None)        # [B, T, K, G, D]
-KV_AXES = ("batch", "cache_length", "act_kv_heads", None)       # [B, S, K, D]
+# (q, k, v, mask) -> (out [B, T, K, G, D] float32, lse [B, T, K, G]) on one device
+LocalPrefill = Callable[..., tuple[jax.Array, jax.Array]]
+# (q [B, H, D], k_cache, v_cache, lengths [B]) -> (out [B, H, D] float32, lse [B, H])
+LocalDecode = Callable[..., tuple[jax.Array, jax.Array]]
 
 
 def merge_partials(out_a, lse_a, out_b, lse_b):
-    """Softmax attention over the union of two disjoint key sets, from each set's (output, lse)."""
-    lse = jnp.logaddexp(lse_a, lse_b)
-    safe = jnp.where(jnp.isfinite(lse), lse, 0.0)            # both empty: weights exp(-inf) = 0
-    w_a, w_b = jnp.exp(lse_a - safe), jnp.exp(lse_b - safe)
-    return out_a * w_a[..., None] + out_b * w_b[..., None], lse
+    """Softmax attention over the union of two disjoint key sets, from each set's (output, lse).
 
-
-def partial_attention(q, k, v, mask: AttentionMask, impl: str):
-    """``(out [B,T,K,G,D] float32, lse [B,T,K,G])`` of ``q`` against this set of keys."""
-    B, T, K, G, D = q.shape
-    args = None if resolve_impl(impl) == "xla" else _flash_args(mask, T)
-    if args is None:
-        return blockwise_attention(q, k, v, mask, return_lse=True)
-    from jaxlm.kernels import flash_attention_with_lse
-
-    out, lse = flash_attention_with_lse(q.reshape(B, T, K * G, D), k, v, **args)
-    return out.reshape(B, T, K, G, D), lse.reshape(B, T, K, G)
+    ``out [..., G, D]``, ``lse [..., G]``; the same log-sum-exp merge as the
+    kernels' split-K (`jaxlm.kernels.common.merge_splits`).
+    """
+    return merge_splits(jnp.stack([out_a, out_b], axis=-3), jnp.stack([lse_a, lse_b], axis=-2))
 
 
 # ------------------------------------------------------------------- prefill
-def prefill_attention(q, k, v, mask: AttentionMask, axis: str, impl: str = "xla", strategy: str = "allgather"):
-    """Attention with queries and keys split over mesh axis ``axis``: ``q [B,T,K,G,D]``, ``k/v [B,S,K,D]``.
-
-    Device i holds query slots ``q_offset + i*T/n + [0, T/n)`` and key slots
-    ``i*S/n + [0, S/n)``. ``strategy`` is "ring" or "allgather". Returns None
-    when T or S does not split over the axis (the caller then leaves the
-    layout to XLA's partitioner).
-    """
-    sizes = active_mesh_axes()
-    n = sizes.get(axis, 1)
-    q_spec = logical_to_spec(Q_AXES, sizes, shape=q.shape)
-    kv_spec = logical_to_spec(KV_AXES, sizes, shape=k.shape)
-    if n == 1 or q_spec[1] != axis or kv_spec[1] != axis:
-        return None
-    B, S = q.shape[0], k.shape[1]
-    batch = kv_spec[0]
+def _mask_arrays(mask: AttentionMask, B: int, S: int, batch, axis: str):
+    """The mask's arrays, split into those that travel with the query shard and
+    those that travel with the key shard, each with its PartitionSpec."""
     P = jax.sharding.PartitionSpec
-
-    # The mask's arrays, each with the spec that keeps its rows/slots with the q or k/v shard.
     offset = jnp.asarray(mask.q_offset, jnp.int32)
     q_side = {"q_offset": (offset, P() if offset.ndim == 0 else P(batch))}
     if mask.key_lengths is not None:
@@ -89,10 +70,25 @@ def prefill_attention(q, k, v, mask: AttentionMask, axis: str, impl: str = "xla"
         kv_side["key_valid"] = (jnp.broadcast_to(mask.key_valid.astype(bool), (B, S)), P(batch, axis))
     if mask.kv_segment is not None:
         kv_side["kv_segment"] = (mask.kv_segment, P(batch, axis))
+    return q_side, kv_side
+
+
+def prefill_attention(q, k, v, mask: AttentionMask, axis: str, strategy: str, *, local: LocalPrefill):
+    """Attention with queries and keys split over mesh axis ``axis``: ``q [B,T,K,G,D]``, ``k/v [B,S,K,D]``.
+
+    Device i holds query slots ``q_offset + i*T/n + [0, T/n)`` and key slots
+    ``i*S/n + [0, S/n)`` (the dispatcher checked that both divide).
+    ``strategy`` is "ring" or "allgather".
+    """
+    sizes = active_mesh_axes()
+    n = sizes[axis]
+    q_spec = logical_to_spec(ACT["queries"], sizes, shape=q.shape)
+    kv_spec = logical_to_spec(ACT["kv_cache"], sizes, shape=k.shape)
+    q_side, kv_side = _mask_arrays(mask, q.shape[0], k.shape[1], kv_spec[0], axis)
     values = lambda d: {name: x for name, (x, _) in d.items()}
     specs = lambda d: {name: s for name, (_, s) in d.items()}
 
-    def local(q, k, v, qx, kvx):
+    def per_device(q, k, v, qx, kvx):
         first_slot = qx["q_offset"] + jax.lax.axis_index(axis) * q.shape[1]
 
         def shard_mask(shift, num_keys, kvx):
@@ -106,21 +102,21 @@ def prefill_attention(q, k, v, mask: AttentionMask, axis: str, impl: str = "xla"
         if strategy == "allgather":
             gather = lambda x: jax.lax.all_gather(x, axis, axis=1, tiled=True)
             k, v, kvx = gather(k), gather(v), jax.tree.map(gather, kvx)
-            return partial_attention(q, k, v, shard_mask(0, k.shape[1], kvx), impl)[0].astype(q.dtype)
-        return _ring(q, k, v, kvx, shard_mask, axis, n, impl)
+            return local(q, k, v, shard_mask(0, k.shape[1], kvx))[0].astype(q.dtype)
+        return _ring(q, k, v, kvx, shard_mask, axis, n, local)
 
-    return jax.shard_map(local, in_specs=(q_spec, kv_spec, kv_spec, specs(q_side), specs(kv_side)),
+    return jax.shard_map(per_device, in_specs=(q_spec, kv_spec, kv_spec, specs(q_side), specs(kv_side)),
                          out_specs=q_spec, check_vma=False)(q, k, v, values(q_side), values(kv_side))
 
 
-def _ring(q, k, v, kvx, shard_mask, axis: str, n: int, impl: str):
+def _ring(q, k, v, kvx, shard_mask, axis: str, n: int, local: LocalPrefill):
     """n steps: attend to the K/V shard in hand while passing it to the next device."""
     i = jax.lax.axis_index(axis)
     S_local = k.shape[1]
     perm = [(d, (d + 1) % n) for d in range(n)]
 
     def attend_shard(j, k, v, kvx):
-        return partial_attention(q, k, v, shard_mask(j * S_local, S_local, kvx), impl)
+        return local(q, k, v, shard_mask(j * S_local, S_local, kvx))
 
     def step(s, carry):
         out, lse, shard = carry
@@ -138,33 +134,26 @@ def _ring(q, k, v, kvx, shard_mask, axis: str, n: int, impl: str):
 
 
 # -------------------------------------------------------------------- decode
-def decode_with_lse(q, k_cache, v_cache, lengths, impl):
-    """One query per row: ``(out [B, H, D] float32, lse [B, H])``."""
-    if resolve_impl(impl) == "xla":
-        return xla_decode_attention(q, k_cache, v_cache, lengths, return_lse=True)
-    from jaxlm.kernels import decode_attention as decode_kernel
+def decode_attention(q, k_cache, v_cache, lengths, axis: str, *, local: LocalDecode):
+    """Decode with the cache slots split over ``axis``: local attention, then an LSE merge.
 
-    return decode_kernel(q, k_cache, v_cache, lengths, return_lse=True)
-
-
-def decode_attention(q, k_cache, v_cache, lengths, axis: str, impl: str = "xla"):
-    """Decode with the cache slots split over ``axis``: local attention, then an LSE merge."""
+    Each device attends to its own slots; the ``[B, H, D]`` partial outputs
+    and their log-sum-exps are gathered (small) and merged, never the cache.
+    """
     sizes = active_mesh_axes()
-    q_spec = logical_to_spec(("batch", "act_heads", None), sizes, shape=q.shape)
-    cache_spec = logical_to_spec(KV_AXES, sizes, shape=k_cache.shape)
-    len_spec = logical_to_spec(("batch",), sizes, shape=lengths.shape)
+    q_spec = logical_to_spec(ACT["decode_queries"], sizes, shape=q.shape)
+    cache_spec = logical_to_spec(ACT["kv_cache"], sizes, shape=k_cache.shape)
+    len_spec = logical_to_spec(ACT["rows"], sizes, shape=lengths.shape)
     if cache_spec[1] != axis:  # the slots do not divide over the axis: let XLA handle it
-        return decode_with_lse(q, k_cache, v_cache, lengths, impl)[0].astype(q.dtype)
+        return local(q, k_cache, v_cache, lengths)[0].astype(q.dtype)
 
-    def local(q, kc, vc, lengths):
+    def per_device(q, kc, vc, lengths):
         shard = jax.lax.axis_index(axis)
         local_len = jnp.clip(lengths - shard * kc.shape[1], 0, kc.shape[1])
-        out, lse = decode_with_lse(q, kc, vc, local_len, impl)               # [B, H, D], [B, H]
-        m = jax.lax.pmax(lse, axis)
-        m = jnp.where(jnp.isfinite(m), m, 0.0)
-        w = jnp.exp(lse - m)                                                    # 0 for an empty shard
-        total = jax.lax.psum(w, axis)
-        return (jax.lax.psum(w[..., None] * out.astype(jnp.float32), axis) / total[..., None]).astype(q.dtype)
+        out, lse = local(q, kc, vc, local_len)                                # [B, H, D], [B, H]
+        outs = jax.lax.all_gather(out.astype(jnp.float32), axis, axis=1)      # [B, n, H, D]
+        lses = jax.lax.all_gather(lse, axis, axis=1)                          # [B, n, H]
+        return merge_splits(outs, lses)[0].astype(q.dtype)
 
-    return jax.shard_map(local, in_specs=(q_spec, cache_spec, cache_spec, len_spec), out_specs=q_spec,
+    return jax.shard_map(per_device, in_specs=(q_spec, cache_spec, cache_spec, len_spec), out_specs=q_spec,
                          check_vma=False)(q, k_cache, v_cache, lengths)

@@ -3,18 +3,19 @@
 Layout ``[B, S, K, D]`` (batch, slot, kv head, head dim), sharded by the
 logical axes (batch, cache_length, act_kv_heads). The int8 form stores one
 float32 scale per token and kv head (``[B, S, K]``, symmetric, max-abs / 127)
-and halves the cache of a bfloat16 model; values are dequantized where they
-are read, so XLA fuses the dequantization into the attention reduction.
+and halves the cache of a bfloat16 model. `read` dequantizes the slots it
+returns into the compute dtype before attention runs (on every path today,
+XLA and Pallas alike): the int8 cache saves memory, not yet bandwidth.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
-from jaxlm.sharding import constrain
+from jaxlm.sharding import ACT, constrain
 
-AXES = ("batch", "cache_length", "act_kv_heads", None)
-SCALE_AXES = ("batch", "cache_length", "act_kv_heads")
+AXES = ACT["kv_cache"]
+SCALE_AXES = ACT["kv_scale"]
 
 
 def is_quantized(dtype) -> bool:
@@ -30,6 +31,13 @@ def empty(shape, dtype, lead=()):
         return (zeros(full, jnp.int8, AXES), zeros(full, jnp.int8, AXES),
                 zeros(full[:-1], jnp.float32, SCALE_AXES), zeros(full[:-1], jnp.float32, SCALE_AXES))
     return zeros(full, dtype, AXES), zeros(full, dtype, AXES)
+
+
+def for_layers(num_layers: int, shape, dtype, *, stacked: bool):
+    """Empty caches of every layer: a list (unrolled layers) or one stacked ``[L, ...]`` cache (scanned)."""
+    if stacked:
+        return empty(shape, dtype, lead=((num_layers, "layers"),))
+    return [empty(shape, dtype) for _ in range(num_layers)]
 
 
 def quantize(x):

@@ -22,7 +22,31 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlm.nn.params import logical_param, normal, zeros
+from jaxlm.nn.params import logical_axes, logical_param, normal, zeros
+
+
+def check_spec(spec: str, kernel_rank: int, in_dims: int) -> None:
+    """``spec`` must describe what `Projection.__call__` computes: ``x[..., in] . kernel[out, in]``.
+
+    The kernel has ``kernel_rank`` named dims, its last ``in_dims`` are the
+    last dims of ``x``, and the output is ``x``'s leading dims followed by
+    the kernel's out dims.
+    """
+    try:
+        inputs, out = spec.replace(" ", "").split("->")
+        x, kernel = inputs.split(",")
+    except ValueError:
+        raise ValueError(f"Projection spec {spec!r}: expected 'x_dims,kernel_dims->out_dims'") from None
+    lead = x[: len(x) - in_dims]
+    problems = []
+    if len(kernel) != kernel_rank:
+        problems.append(f"names {len(kernel)} kernel dims, the kernel has {kernel_rank}")
+    if kernel[kernel_rank - in_dims:] != x[len(x) - in_dims:]:
+        problems.append(f"the kernel's last {in_dims} dims must be the input's last {in_dims}")
+    if out != lead + kernel[: kernel_rank - in_dims]:
+        problems.append(f"the output must be {lead + kernel[: kernel_rank - in_dims]!r}")
+    if problems:
+        raise ValueError(f"Projection spec {spec!r}: " + "; ".join(problems))
 
 
 class Projection(nnx.Module):
@@ -30,12 +54,15 @@ class Projection(nnx.Module):
 
     ``kernel_shape = out_shape + in_shape``; the last ``in_dims`` kernel dims
     are contracted with ``x``'s last ``in_dims`` dims. ``spec`` names the
-    contraction, gemma-style, for readers.
+    contraction gemma-style (``"BTE,KCDE->BTKCD"``); it is not executed (see
+    the module docstring) but checked against the kernel's shape here, so it
+    cannot drift from the computation.
     """
 
     def __init__(self, spec: str, kernel_shape: Sequence[int], kernel_axes: Sequence[str], *,
                  in_dims: int = 1, bias: bool = False, init_std: float = 0.02,
                  dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        check_spec(spec, len(kernel_shape), in_dims)
         self.spec = spec
         self.dtype = dtype
         self.in_dims = in_dims
@@ -53,8 +80,6 @@ class Projection(nnx.Module):
         model is unchanged until trained), as PEFT does. A stacked (scanned)
         projection gets stacked factors.
         """
-        from jaxlm.nn.params import logical_axes
-
         axes = logical_axes(self.kernel)
         shape = self.kernel[...].shape
         lead = 1 if axes and axes[0] == "layers" else 0

@@ -17,19 +17,24 @@ import os
 import typing
 
 from jaxlm.errors import ConfigError
+from jaxlm.options import ModelOptions
 from jaxlm.train.lora import LoRAConfig
 from jaxlm.train.step import OptimizerConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelSection:
+class ModelSection(ModelOptions):
+    """Which model to train, and its `ModelOptions` (every option, validated there).
+
+    The training defaults differ from inference's: float32 master weights and
+    scanned layers (one compiled layer, whatever the depth).
+    """
+
     name: str = "tiny"                 # a preset, "tiny" (the bundled default), or a checkpoint directory
     tokenizer: str | None = None       # default: the checkpoint's, or the bundled tiny one
-    dtype: str = "float32"             # compute dtype
-    param_dtype: str = "float32"       # master weights (float32 for training)
+    dtype: str | None = "float32"
+    param_dtype: str | None = "float32"
     scan_layers: bool = True
-    remat: str = "none"                # none | full | dots_saveable
-    attention_impl: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +77,6 @@ class TrainConfig:
         need(self.data.format in ("chat", "text"), f"data.format must be chat or text, got {self.data.format!r}")
         need(self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
         need(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
-        need(self.model.remat in ("none", "full", "dots_saveable"), f"model.remat: {self.model.remat!r}")
         need(self.optimizer.learning_rate > 0, "optimizer.learning_rate must be > 0")
         if self.lora.enabled:
             self.lora.validate()

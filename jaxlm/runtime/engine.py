@@ -14,16 +14,15 @@ compiled functions. `COMPILES` counts traces per function.
 from __future__ import annotations
 
 import collections
-import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlm.generation.chunked import run_chunks
-from jaxlm.generation.sampling import SamplerFlags, select_tokens
-from jaxlm.nn import kv_cache
 from jaxlm.nn.attention import AttentionMask
+from jaxlm.runtime.chunked import init_caches, run_chunks
+from jaxlm.runtime.sampling import SamplerFlags, select_tokens
+from jaxlm.sharding import jit_with_rules
 
 COMPILES: collections.Counter = collections.Counter()
 
@@ -36,23 +35,13 @@ def bucket(n: int, minimum: int = 16) -> int:
     return -(-n // 4096) * 4096
 
 
-def init_caches(model, batch: int, length: int, dtype):
-    """Per-layer caches (see `jaxlm.nn.kv_cache`): a list for unrolled layers, one
-    stacked ``[L, ...]`` tuple for scanned ones."""
-    cfg = model.config
-    shape = (batch, length, cfg.num_key_value_heads, cfg.head_dim)
-    if model.options.scan_layers:
-        return kv_cache.empty(shape, dtype, lead=((cfg.num_hidden_layers, "layers"),))
-    return [kv_cache.empty(shape, dtype) for _ in range(cfg.num_hidden_layers)]
-
-
 def _last_logits(model, hidden, lengths):
     """float32 logits ``[B, V]`` at each row's last valid token."""
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)   # [B, 1, E]
     return model.logits(last)[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "cache_dtype", "num_new", "flags", "chunk"))
+@jit_with_rules(static_argnames=("graphdef", "cache_len", "cache_dtype", "num_new", "flags", "chunk"))
 def prefill(graphdef, state, ids, lengths, rope_len, seen_init, pad_id, done_init, *, cache_len,
             cache_dtype, num_new, flags, chunk=None):
     """Runs the aligned prompts ``ids [B, T]`` and returns the decode carry.
@@ -96,7 +85,8 @@ def prefill(graphdef, state, ids, lengths, rope_len, seen_init, pad_id, done_ini
 def _decode_forward(model, carry, token, rope_len):
     lengths = carry["lengths"]
     cache_len = jax.tree.leaves(carry["caches"])[0].shape[-3]
-    mask = AttentionMask(cache_len, True, lengths)                      # keys at slots <= length
+    # The new token goes to slot `lengths` and reads slots 0..lengths.
+    mask = AttentionMask.decoding(cache_len, lengths + 1)
     hidden, caches = model.model(token[:, None], lengths[:, None], mask, rope_len=rope_len,
                                  kv_caches=carry["caches"], write_slot=lengths)
     return dict(carry, caches=caches, logits=model.logits(hidden)[:, 0], lengths=lengths + 1)
@@ -119,14 +109,14 @@ def _select_and_record(carry, params, flags: SamplerFlags):
                 step_logits=step_logits)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "flags"), donate_argnames=("carry",))
+@jit_with_rules(static_argnames=("graphdef", "flags"), donate_argnames=("carry",))
 def first_step(graphdef, state, carry, params, *, flags):
     """Selects the first new token from the prefill logits."""
     COMPILES["first_step"] += 1
     return _select_and_record(carry, params, flags)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "flags"), donate_argnames=("carry",))
+@jit_with_rules(static_argnames=("graphdef", "flags"), donate_argnames=("carry",))
 def next_step(graphdef, state, carry, params, *, flags):
     """One decode step: forward the last token, select the next (streaming path)."""
     COMPILES["next_step"] += 1
@@ -135,7 +125,7 @@ def next_step(graphdef, state, carry, params, *, flags):
     return _select_and_record(carry, params, flags)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "flags"), donate_argnames=("carry",))
+@jit_with_rules(static_argnames=("graphdef", "flags"), donate_argnames=("carry",))
 def decode_loop(graphdef, state, carry, params, *, flags):
     """The whole decode in one ``lax.while_loop``; exits once every row stopped."""
     COMPILES["decode_loop"] += 1

@@ -15,13 +15,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxlm.arrays import pad_axis
+from jaxlm.nn import kv_cache
 from jaxlm.nn.attention import AttentionMask
 
 
-def _pad(x, length, value=0):
-    if x is None or x.shape[1] == length:
-        return x
-    return jnp.pad(x, ((0, 0), (0, length - x.shape[1])), constant_values=value)
+def init_caches(model, batch: int, length: int, dtype):
+    """Empty per-layer caches of ``length`` slots (see `jaxlm.nn.kv_cache`)."""
+    cfg = model.config
+    return kv_cache.for_layers(cfg.num_hidden_layers, (batch, length, cfg.num_key_value_heads, cfg.head_dim),
+                               dtype, stacked=model.options.scan_layers)
 
 
 def run_chunks(model, input_ids, positions, caches, *, chunk: int, rope_len, collect, init, key_valid=None,
@@ -39,12 +42,12 @@ def run_chunks(model, input_ids, positions, caches, *, chunk: int, rope_len, col
     S = jax.tree.leaves(caches)[0].shape[-3]
     if S < total:
         raise ValueError(f"chunked prefill: cache has {S} slots, needs {total}")
-    ids = _pad(input_ids, total)
-    pos = _pad(positions, total)
+    ids = pad_axis(input_ids, 1, total)
+    pos = pad_axis(positions, 1, total)
     valid = key_valid if key_valid is not None else jnp.ones((B, T), bool)
-    valid = _pad(valid.astype(bool), S, False)                # never read unwritten slots
-    seg_q = _pad(segment_ids, total, -1)
-    seg_k = _pad(segment_ids, S, -2)
+    valid = pad_axis(valid.astype(bool), 1, S, False)                # never read unwritten slots
+    seg_q = pad_axis(segment_ids, 1, total, -1)
+    seg_k = pad_axis(segment_ids, 1, S, -2)
 
     def body(carry, c):
         caches, collected = carry
