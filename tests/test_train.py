@@ -208,6 +208,37 @@ def test_nan_loss_stops_cleanly(tmp_path):
     assert kept and all(np.isfinite(r["loss"]) for r in metrics(tmp_path) if r["step"] <= max(kept))
 
 
+def test_losses_reach_the_host_only_at_log_and_checkpoint_steps(tmp_path, monkeypatch):
+    """The loop does not wait on each step; a NaN between log steps is caught at the next
+    sync point, named by the step where it occurred, and never logged or checkpointed."""
+    from jaxlm.train import trainer
+
+    fetched, steps = [], []
+    original_fetch, original_step = trainer._StepLog.fetch, trainer.train_step
+
+    def fetch(self, manager):
+        fetched.append([step for step, _ in self.pending])
+        return original_fetch(self, manager)
+
+    def poisoned_step(*args, **kwargs):
+        trainable, opt_state, out = original_step(*args, **kwargs)
+        steps.append(len(steps) + 1)
+        if steps[-1] == 11:
+            out = {**out, "loss": out["loss"] * jnp.nan}
+        return trainable, opt_state, out
+
+    monkeypatch.setattr(trainer._StepLog, "fetch", fetch)
+    monkeypatch.setattr(trainer, "train_step", poisoned_step)
+    cfg = load_experiment(TINY_SFT, ["steps=12", "log_every=4", "checkpoint_every=6", "data.seq_len=64",
+                                     "global_batch=8", "eval_every=0"])
+    with pytest.raises(trainer.TrainingDiverged, match="loss is nan at step 11: .* last good checkpoint is step 6"):
+        train(cfg, str(tmp_path), progress=False, log=lambda m: None)
+    assert fetched == [[1, 2, 3, 4], [5, 6], [7, 8], [9, 10, 11, 12]]
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == [4, 8] and all(np.isfinite(r["loss"]) for r in rows)
+    assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [6]
+
+
 def test_malformed_lines_are_skipped_or_fatal(tmp_path):
     from jaxlm.tokenizer import InternLM2Tokenizer
 
