@@ -27,6 +27,7 @@ import optax
 from flax import nnx
 
 from jaxlm.errors import ConfigError, JaxlmError
+from jaxlm.options import ModelOptions
 from jaxlm.train.config import TrainConfig
 from jaxlm.train.data import DataReport, DataState, PackedBatches, load_examples
 from jaxlm.train.lora import apply_lora, save_adapter, trainable_filter
@@ -53,27 +54,26 @@ def _is_checkpoint(name: str) -> bool:
 def build_model(cfg: TrainConfig, mesh):
     """The model on the mesh: loaded from a checkpoint, or initialized (preset / tiny)."""
     from jaxlm.checkpoint.loading import param_sharding
-    from jaxlm.models.internlm2 import InternLM2ForCausalLM
+    from jaxlm.models.causal_lm import InternLM2ForCausalLM
     from jaxlm.sharding import check_mesh_for_model
 
     m = cfg.model
-    options = dict(dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat=m.remat,
-                   attention_impl=m.attention_impl)
+    options = ModelOptions.of(m)
     if _is_checkpoint(m.name):
-        model = InternLM2ForCausalLM.from_pretrained(m.name, mesh=mesh, **options)
+        model = InternLM2ForCausalLM.from_pretrained(m.name, options, mesh=mesh)
     else:
         config = _model_config(m.name)
         check_mesh_for_model(mesh, config)
 
         @jax.jit
         def init():  # initialized directly with its sharding: never whole on one device
-            model = InternLM2ForCausalLM(config, rngs=nnx.Rngs(cfg.seed), **options)
+            model = InternLM2ForCausalLM(config, options, rngs=nnx.Rngs(cfg.seed))
             state = nnx.state(model)
             shardings = jax.tree.map(lambda v: param_sharding(v, mesh), state,
                                      is_leaf=lambda x: isinstance(x, nnx.Variable))
             return jax.lax.with_sharding_constraint(state, shardings)
 
-        abstract = nnx.eval_shape(lambda: InternLM2ForCausalLM(config, rngs=nnx.Rngs(cfg.seed), **options))
+        abstract = nnx.eval_shape(lambda: InternLM2ForCausalLM(config, options, rngs=nnx.Rngs(cfg.seed)))
         graphdef, _ = nnx.split(abstract)
         with jax.set_mesh(mesh):
             model = nnx.merge(graphdef, init())
