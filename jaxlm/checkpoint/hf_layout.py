@@ -4,8 +4,9 @@ Each rule says how an HF tensor (PyTorch ``[out, in]`` layout) becomes the
 jaxlm parameter: view it as ``split`` and transpose by ``perm``. The inverse
 is derived, so a round trip is bit-exact by construction. jaxlm keeps the
 ``[out, in]`` order (see `jaxlm.nn.linear` for why), so today every ``perm``
-is the identity and only the packed dims are unflattened; the table still
-carries the transpose so a layout change stays a one-line edit.
+is the identity and only the packed dims are unflattened. The table still
+carries the transpose for whole-tensor conversion (`to_jaxlm` / `to_hf`); the
+sliced reads of sharded loading support only the identity and say so.
 
 jaxlm names are the dotted paths of the unscanned model's parameters.
 """

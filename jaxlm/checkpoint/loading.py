@@ -183,7 +183,7 @@ def _fill_from_jaxlm(path: str, config: InternLM2Config, filler: _StateFiller) -
         for name in names:
             _, shape, dtype, sharding = filler.target(name)
             targets[name] = jax.ShapeDtypeStruct(shape, stored[name][1], sharding=sharding)
-        for name, array in jaxlm_format.load_arrays(path, targets).items():
+        for name, array in jaxlm_format.load_arrays(path, targets, stored=stored).items():
             filler.put(name, array)
 
 

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxlm.errors import ConfigError
+from jaxlm.errors import CheckpointError, ConfigError
 from jaxlm.files import atomic_output_dir
 
 TARGETS = ("wqkv", "wo", "w1", "w2", "w3")
@@ -112,8 +112,6 @@ def read_adapter(path: str) -> tuple[dict, dict[str, np.ndarray]]:
     """(adapter_config, {hf module: scale * B @ A}) from a PEFT adapter directory."""
     from safetensors.numpy import load_file
 
-    from jaxlm.errors import CheckpointError
-
     cfg_file, weights_file = os.path.join(path, ADAPTER_CONFIG), os.path.join(path, ADAPTER_WEIGHTS)
     for f in (cfg_file, weights_file):
         if not os.path.isfile(f):
@@ -150,8 +148,6 @@ def trainable_filter(lora: LoRAConfig):
 def load_adapter(model, path: str) -> LoRAConfig:
     """Attaches a PEFT-layout adapter directory to ``model`` (adding LoRA factors as needed)."""
     from safetensors.numpy import load_file
-
-    from jaxlm.errors import CheckpointError
 
     config, _ = read_adapter(path)
     cfg = LoRAConfig(enabled=True, rank=int(config["r"]), alpha=float(config["lora_alpha"]), dropout=0.0,

@@ -24,13 +24,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from flax import nnx
+from tqdm import tqdm  # plain text bars (tqdm.auto wants ipywidgets in notebooks)
 
+from jaxlm.assets import TINY_DIR
+from jaxlm.checkpoint.loading import param_sharding
+from jaxlm.config import InternLM2Config
 from jaxlm.errors import ConfigError, JaxlmError
+from jaxlm.files import copy_if_present
+from jaxlm.models.causal_lm import InternLM2ForCausalLM
 from jaxlm.options import ModelOptions
+from jaxlm.sharding import batch_multiple, check_mesh_for_model, make_mesh, named_sharding
+from jaxlm.tokenizer import InternLM2Tokenizer
 from jaxlm.train.config import TrainConfig
 from jaxlm.train.data import DataReport, DataState, PackedBatches, load_examples
-from jaxlm.train.lora import apply_lora, save_adapter, trainable_filter
+from jaxlm.train.lora import apply_lora, save_adapter, target_projections, trainable_filter
 from jaxlm.train.metrics import MetricsWriter, flops_per_token, peak_flops_per_device
 from jaxlm.train.step import batch_loss_sum, make_optimizer, schedule, train_step
 
@@ -41,9 +50,6 @@ class TrainingDiverged(JaxlmError):
 
 # ----------------------------------------------------------------- building
 def _model_config(name: str):
-    from jaxlm.assets import TINY_DIR
-    from jaxlm.config import InternLM2Config
-
     return InternLM2Config.from_pretrained(TINY_DIR if name == "tiny" else name)
 
 
@@ -53,10 +59,6 @@ def _is_checkpoint(name: str) -> bool:
 
 def build_model(cfg: TrainConfig, mesh):
     """The model on the mesh: loaded from a checkpoint, or initialized (preset / tiny)."""
-    from jaxlm.checkpoint.loading import param_sharding
-    from jaxlm.models.causal_lm import InternLM2ForCausalLM
-    from jaxlm.sharding import check_mesh_for_model
-
     m = cfg.model
     options = ModelOptions.of(m)
     if _is_checkpoint(m.name):
@@ -87,9 +89,6 @@ def build_model(cfg: TrainConfig, mesh):
 
 
 def load_tokenizer(cfg: TrainConfig):
-    from jaxlm.assets import TINY_DIR
-    from jaxlm.tokenizer import InternLM2Tokenizer
-
     path = cfg.model.tokenizer or (cfg.model.name if _is_checkpoint(cfg.model.name) else TINY_DIR)
     return InternLM2Tokenizer.from_pretrained(path)
 
@@ -163,8 +162,6 @@ class _Run:
 
 def _setup(cfg: TrainConfig, workdir: str, log) -> _Run:
     """The mesh, the data, the model split into trainable / frozen, and the optimizer state."""
-    from jaxlm.sharding import batch_multiple, make_mesh, named_sharding
-
     os.makedirs(workdir, exist_ok=True)
     mesh = make_mesh(cfg.mesh)
     if cfg.global_batch % batch_multiple(mesh) or cfg.global_batch % jax.process_count():
@@ -212,8 +209,6 @@ def _setup_data(cfg: TrainConfig):
 
 
 def _checkpoint_manager(run: _Run):
-    import orbax.checkpoint as ocp
-
     return ocp.CheckpointManager(
         os.path.join(run.workdir, "checkpoints"),
         options=ocp.CheckpointManagerOptions(max_to_keep=run.cfg.keep_checkpoints, enable_async_checkpointing=True),
@@ -223,8 +218,6 @@ def _checkpoint_manager(run: _Run):
 def _resume(run: _Run, manager, log) -> int:
     """Restores the latest completed checkpoint (state and data position) into ``run``;
     returns the first step to run."""
-    import orbax.checkpoint as ocp
-
     latest = manager.latest_step()
     if latest is None:
         return 1
@@ -277,8 +270,6 @@ def _after_step(run: _Run, logger: "_StepLog", manager, step: int) -> None:
 
 def _save_checkpoint(run: _Run, manager, step: int) -> None:
     """Starts an asynchronous save of the state after ``step`` and of the data position."""
-    import orbax.checkpoint as ocp
-
     manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave({"trainable": run.trainable, "opt_state": run.opt_state}),
         data=ocp.args.JsonSave(dataclasses.asdict(run.batches.state))))
@@ -295,8 +286,6 @@ class _StepLog:
     """
 
     def __init__(self, run: _Run, start: int, progress: bool):
-        from tqdm import tqdm  # plain text bars (tqdm.auto wants ipywidgets in notebooks)
-
         cfg = run.cfg
         main = jax.process_index() == 0
         self.run = run
@@ -362,8 +351,6 @@ def _finish(run: _Run, history: list[tuple[int, float]]) -> dict:
 def export_final(model, cfg: TrainConfig, workdir: str, tokenizer) -> str:
     """``final/``: the trained (LoRA-merged) model as a jaxlm checkpoint with its tokenizer;
     with LoRA also ``adapter/`` in PEFT's layout."""
-    from jaxlm.files import copy_if_present
-
     final = os.path.join(workdir, "final")
     if cfg.lora.enabled:
         save_adapter(model, cfg.lora, os.path.join(workdir, "adapter"), base_model=cfg.model.name, overwrite=True)
@@ -381,8 +368,6 @@ def export_final(model, cfg: TrainConfig, workdir: str, tokenizer) -> str:
 
 def merge_lora_in_place(model):
     """Folds every adapter into its weight (``W + scale * B @ A``) and drops the factors."""
-    from jaxlm.train.lora import target_projections
-
     for _, projections in target_projections(model):
         for proj in projections.values():
             if proj.lora_a is None:
