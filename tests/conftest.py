@@ -1,4 +1,4 @@
-"""Shared fixtures: the ground-truth folder and tiny synthetic checkpoints."""
+"""Shared fixtures: the session seed (JAXLM_TEST_SEED), the ground-truth folder and tiny synthetic checkpoints."""
 
 from __future__ import annotations
 
@@ -10,9 +10,50 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                " --xla_force_host_platform_device_count=8").strip()
 
+import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------- the seed
+def _session_seed() -> int:
+    """JAXLM_TEST_SEED (default 0); "random" draws a fresh one (printed, so it can be replayed)."""
+    raw = os.environ.get("JAXLM_TEST_SEED", "0").strip()
+    if raw.lower() == "random":
+        return int(np.random.SeedSequence().entropy % 2**31)
+    try:
+        return int(raw)
+    except ValueError:
+        raise pytest.UsageError(f"JAXLM_TEST_SEED must be an integer or 'random', got {raw!r}") from None
+
+
+SEED = _session_seed()
+
+
+def pytest_report_header(config):
+    return f"jaxlm test seed: {SEED} (rerun with JAXLM_TEST_SEED={SEED}; JAXLM_TEST_SEED=random draws one)"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        report.sections.append(("jaxlm test seed", f"JAXLM_TEST_SEED={SEED}  (reproduce with "
+                                                   f"JAXLM_TEST_SEED={SEED} python -m pytest {item.nodeid!r})"))
+
+
+@pytest.fixture(scope="session")
+def seed() -> int:
+    """The session's seed: every random test draws from it."""
+    return SEED
+
+
+@pytest.fixture
+def rng(seed) -> np.random.Generator:
+    """A fresh ``np.random.default_rng(seed)`` for each test."""
+    return np.random.default_rng(seed)
 
 
 def shared_dir() -> pathlib.Path:

@@ -19,8 +19,7 @@ def reference(q, k, v, mask):
 
 @pytest.mark.parametrize("T, S, segments, lengths", [(300, 300, False, False), (300, 420, False, True),
                                                      (260, 260, True, False)])
-def test_causal_blocking_and_blockwise_are_exact(T, S, segments, lengths):
-    rng = np.random.default_rng()
+def test_causal_blocking_and_blockwise_are_exact(T, S, segments, lengths, rng):
     q = rng.standard_normal((2, T, 2, 3, 16), np.float32)
     k = rng.standard_normal((2, S, 2, 16), np.float32)
     v = rng.standard_normal((2, S, 2, 16), np.float32)
@@ -36,10 +35,9 @@ def test_causal_blocking_and_blockwise_are_exact(T, S, segments, lengths):
         np.testing.assert_allclose(np.asarray(out)[valid], expected[valid], atol=1e-4)
 
 
-def test_blockwise_gradients_match_dense():
+def test_blockwise_gradients_match_dense(rng):
     import jax
 
-    rng = np.random.default_rng()
     q = rng.standard_normal((1, 200, 2, 2, 16), np.float32)
     k = rng.standard_normal((1, 200, 2, 16), np.float32)
     v = rng.standard_normal((1, 200, 2, 16), np.float32)
@@ -52,8 +50,7 @@ def test_blockwise_gradients_match_dense():
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-3, rtol=1e-3)
 
 
-def test_decode_attention_masks_by_length():
-    rng = np.random.default_rng()
+def test_decode_attention_masks_by_length(rng):
     B, S, K, G, D = 3, 40, 2, 4, 16
     q = rng.standard_normal((B, K * G, D), np.float32)
     kc = rng.standard_normal((B, S, K, D), np.float32)

@@ -1,6 +1,7 @@
 """Pallas kernels on CPU (interpret mode) against a float32 "highest" reference.
 
-Fresh random inputs every run (the seed is printed). GPU kernels run in
+Random inputs from the session seed (tests/conftest.py: JAXLM_TEST_SEED, default 0;
+JAXLM_TEST_SEED=random for fresh inputs, the seed is printed). GPU kernels run in
 interpret mode with every output pre-filled with NaN; TPU kernels run in TPU
 interpret mode with uninitialized memory as NaN. Lowering for the real
 platforms (Triton for CUDA, Mosaic for TPU) is checked with jax.export.
@@ -17,13 +18,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jaxlm.kernels import decode_attention, flash_attention, reference_attention, reference_decode
 from jaxlm.kernels.common import poison_outputs
 
-SEED = int(np.random.SeedSequence().entropy % 2**31)
 TOL = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2}
-
-
-def rng():
-    print(f"kernel test seed {SEED}")
-    return np.random.default_rng(SEED)
 
 
 def rel_err(a, b) -> float:
@@ -77,9 +72,9 @@ RUNS = [(c, jnp.float32) for c in FLASH_CASES] + [(FLASH_CASES[i], jnp.bfloat16)
 @pytest.mark.parametrize("case, dtype", RUNS, ids=lambda x: x.__name__ if hasattr(x, "__name__") else
                          "B{}T{}S{}Hq{}Hkv{}D{}{}seg{}".format(*x[:6], "causal" if x[6] else "full", x[7])
                          if isinstance(x, tuple) else str(x))
-def test_flash_attention_interpret(case, dtype):
+def test_flash_attention_interpret(case, dtype, rng):
     B, T, S, Hq, Hkv, D, causal, segments = case
-    q, k, v, seg, do = inputs(rng(), B, T, S, Hq, Hkv, D, dtype, segments)
+    q, k, v, seg, do = inputs(rng, B, T, S, Hq, Hkv, D, dtype, segments)
     with poison_outputs():
         check_flash(q, k, v, seg, do, causal, dtype)
 
@@ -107,17 +102,17 @@ def test_poisoning_catches_unwritten_outputs():
     ((1, 130, 260, 2, 1, 64, True, 0), jnp.bfloat16),
     ((1, 140, 140, 2, 2, 128, False, 0), jnp.float32),
 ], ids=["f32-causal-seg", "bf16-T<S-mqa", "f32-full"])
-def test_flash_attention_tpu_interpret(case, dtype):
+def test_flash_attention_tpu_interpret(case, dtype, rng):
     B, T, S, Hq, Hkv, D, causal, segments = case
-    q, k, v, seg, do = inputs(rng(), B, T, S, Hq, Hkv, D, dtype, segments)
+    q, k, v, seg, do = inputs(rng, B, T, S, Hq, Hkv, D, dtype, segments)
     check_flash(q, k, v, seg, do, causal, dtype, interpret=pltpu.InterpretParams(uninitialized_memory="nan"),
                 block_sizes=dict(block_q=128, block_k=128, block_q_bwd=128, block_k_bwd=128))
 
 
 @pytest.mark.parametrize("Hq, Hkv, D, dtype", [(8, 2, 64, jnp.float32), (4, 4, 128, jnp.float32),
                                                (8, 1, 64, jnp.bfloat16), (16, 2, 256, jnp.float32)])
-def test_decode_attention(Hq, Hkv, D, dtype):
-    r = rng()
+def test_decode_attention(Hq, Hkv, D, dtype, rng):
+    r = rng
     B, S = 3, 300
     q = jnp.asarray(r.standard_normal((B, Hq, D)), jnp.float32).astype(dtype)
     kc, vc = (jnp.asarray(r.standard_normal((B, S, Hkv, D)), jnp.float32).astype(dtype) for _ in range(2))
@@ -183,9 +178,9 @@ def test_kernels_lower_for_real_hardware(platform):
 
 
 @pytest.mark.parametrize("tpu", [False, True], ids=["gpu-interpret", "tpu-interpret"])
-def test_chunk_against_cache_with_traced_offset(tpu):
+def test_chunk_against_cache_with_traced_offset(tpu, rng):
     """Chunked prefill: queries [start, start + C) against keys [0, S), offset traced under jit."""
-    r = rng()
+    r = rng
     B, S, C, Hq, Hkv, D = 2, 256 if tpu else 90, 128 if tpu else 30, 4, 2, 64
     q_full = jnp.asarray(r.standard_normal((B, S, Hq, D)), jnp.float32)
     k, v = (jnp.asarray(r.standard_normal((B, S, Hkv, D)), jnp.float32) for _ in range(2))

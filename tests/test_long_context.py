@@ -27,7 +27,7 @@ def test_chunked_forward_equals_unchunked_on_golden(golden, case, impl):
         assert np.abs(logits - ref["logits"])[valid].max() <= TOL, chunk
 
 
-def test_chunked_generate_equals_unchunked(golden, make_hf_checkpoint):
+def test_chunked_generate_equals_unchunked(golden, make_hf_checkpoint, rng):
     path = golden("tiny_chat_realvocab")
     ref = np.load(path / "golden.npz")
     model = InternLM2ForCausalLM.from_pretrained(str(path), dtype="float32", param_dtype="float32")
@@ -39,7 +39,7 @@ def test_chunked_generate_equals_unchunked(golden, make_hf_checkpoint):
     # dynamic NTK past max_position_embeddings, a left-padded batch
     ntk = InternLM2ForCausalLM.from_pretrained(make_hf_checkpoint(rope_scaling={"type": "dynamic", "factor": 2.0},
                                                                   max_position_embeddings=16))
-    prompt = np.random.default_rng(0).integers(3, 256, (3, 37))
+    prompt = rng.integers(3, 256, (3, 37))
     mask = np.ones_like(prompt)
     mask[1, :9] = 0
     plain = ntk.generate(prompt, attention_mask=mask, max_new_tokens=9, eos_token_id=None)
@@ -47,9 +47,9 @@ def test_chunked_generate_equals_unchunked(golden, make_hf_checkpoint):
                                                prefill_chunk_size=10), plain)
 
 
-def test_dynamic_ntk_is_the_original_below_max_positions(make_hf_checkpoint):
+def test_dynamic_ntk_is_the_original_below_max_positions(make_hf_checkpoint, rng):
     """When prompt + new tokens fit max_position_embeddings the base is never scaled."""
-    prompt = np.random.default_rng(1).integers(3, 256, (2, 20))
+    prompt = rng.integers(3, 256, (2, 20))
     dynamic = InternLM2ForCausalLM.from_pretrained(make_hf_checkpoint(
         rope_scaling={"type": "dynamic", "factor": 2.0}, max_position_embeddings=64))
     plain = InternLM2ForCausalLM.from_pretrained(make_hf_checkpoint(max_position_embeddings=64))

@@ -22,8 +22,7 @@ def run_reference(path, ids, mask=None):
     return out.numpy()
 
 
-def batch(vocab, b=2, t=24, seed=0, pad=(0, 5)):
-    rng = np.random.default_rng(seed)
+def batch(vocab, rng, b=2, t=24, pad=(0, 5)):
     ids = rng.integers(0, vocab, (b, t))
     mask = np.ones((b, t), np.int64)
     for row, n in enumerate(pad[:b]):
@@ -53,9 +52,9 @@ SETTINGS = {
 
 @pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
 @pytest.mark.parametrize("setting", list(SETTINGS))
-def test_settings_match_reference(make_hf_checkpoint, setting, scan):
+def test_settings_match_reference(make_hf_checkpoint, rng, setting, scan):
     path = make_hf_checkpoint(**SETTINGS[setting])
-    ids, mask = batch(256, t=24)
+    ids, mask = batch(256, rng, t=24)
     expected = run_reference(path, ids, mask)
     model = InternLM2ForCausalLM.from_pretrained(path, scan_layers=scan)
     got = np.asarray(model(ids, mask))
@@ -69,19 +68,19 @@ def test_settings_match_reference(make_hf_checkpoint, setting, scan):
     ("safetensors", "bfloat16", 40_000),
     ("safetensors", "float16", None),
 ])
-def test_checkpoint_formats(make_hf_checkpoint, fmt, dtype, shard):
+def test_checkpoint_formats(make_hf_checkpoint, rng, fmt, dtype, shard):
     path = make_hf_checkpoint(fmt=fmt, dtype=dtype, max_shard_bytes=shard)
-    ids, mask = batch(256, t=16)
+    ids, mask = batch(256, rng, t=16)
     expected = run_reference(path, ids, mask)  # the oracle upcasts the same stored weights
     model = InternLM2ForCausalLM.from_pretrained(path, dtype="float32", param_dtype="float32")
     got = np.asarray(model(ids, mask))
     assert np.abs(got - expected)[mask.astype(bool)].max() <= TOL
 
 
-def test_left_padded_rows_equal_unpadded(make_hf_checkpoint):
+def test_left_padded_rows_equal_unpadded(make_hf_checkpoint, rng):
     path = make_hf_checkpoint()
     model = InternLM2ForCausalLM.from_pretrained(path)
-    ids, mask = batch(256, b=3, t=20, pad=(0, 3, 11))
+    ids, mask = batch(256, rng, b=3, t=20, pad=(0, 3, 11))
     full = np.asarray(model(ids, mask))
     for row in range(3):
         n = int(mask[row].sum())

@@ -43,9 +43,9 @@ def test_golden_logits_on_meshes(golden, case, shape):
 
 
 @pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
-def test_tensor_4_on_four_kv_heads(make_hf_checkpoint, scan):
+def test_tensor_4_on_four_kv_heads(make_hf_checkpoint, rng, scan):
     path = make_hf_checkpoint(num_attention_heads=8, num_key_value_heads=4, hidden_size=64)
-    ids = np.random.default_rng(0).integers(3, 256, (3, 24))  # 3 rows: padded to the mesh
+    ids = rng.integers(3, 256, (3, 24))  # 3 rows: padded to the mesh
     single = np.asarray(InternLM2ForCausalLM.from_pretrained(path)(ids))
     sharded = InternLM2ForCausalLM.from_pretrained(path, mesh=mesh(1, 2, 4), scan_layers=scan)
     np.testing.assert_allclose(np.asarray(sharded(ids)), single, atol=TOL, rtol=0)
@@ -105,9 +105,9 @@ def test_save_on_one_mesh_restore_on_another(golden, tmp_path):
         assert np.abs(logits - ref["logits"]).max() <= TOL
 
 
-def test_sharded_generate_equals_single_device(golden):
+def test_sharded_generate_equals_single_device(golden, rng):
     path = str(golden("tiny_gqa"))
-    prompt = np.random.default_rng(3).integers(3, 1000, (3, 21))
+    prompt = rng.integers(3, 1000, (3, 21))
     single = InternLM2ForCausalLM.from_pretrained(path).generate(prompt, max_new_tokens=9, eos_token_id=None)
     for shape, scan in [((2, 2, 2), False), ((1, 8, 1), True), ((8, 1, 1), False)]:
         model = InternLM2ForCausalLM.from_pretrained(path, mesh=mesh(*shape), scan_layers=scan)
@@ -174,14 +174,14 @@ np.savez(out, **results)
 """
 
 
-def test_embedding_lookup_partitions_without_rematerialization(make_hf_checkpoint, tmp_path):
+def test_embedding_lookup_partitions_without_rematerialization(make_hf_checkpoint, tmp_path, seed):
     needs_8_devices()
     path = make_hf_checkpoint()
     out = tmp_path / "results.npz"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]),
                JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="0")  # XLA's warnings must reach stderr
     env.pop("JAX_COMPILATION_CACHE_DIR", None)  # a cached executable would not be compiled (nor logged)
-    proc = subprocess.run([sys.executable, "-c", _EMBED_WORKER, path, str(out), "0"],
+    proc = subprocess.run([sys.executable, "-c", _EMBED_WORKER, path, str(out), str(seed)],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     remat = [line for line in proc.stderr.splitlines() if REMAT in line]
@@ -205,13 +205,12 @@ EMBED_CASES = {  # vocab size, rule overrides, the table's spec on data=2,fsdp=2
 
 
 @pytest.mark.parametrize("case", EMBED_CASES)
-def test_embed_lookup_is_exact_on_a_mesh(case):
+def test_embed_lookup_is_exact_on_a_mesh(case, seed, rng):
     """Embed equals jnp.take (values and gradients), with no mesh and under a mesh, in jit and eagerly."""
     vocab, rules, table_spec = EMBED_CASES[case]
     m = mesh(2, 2, 2)
-    embed = Embed(vocab, 64, init_std=1.0, rngs=nnx.Rngs(0))
+    embed = Embed(vocab, 64, init_std=1.0, rngs=nnx.Rngs(seed))
     table = embed.embedding[...]
-    rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(0, vocab, (8, 12)), jnp.int32)
     # Integer cotangents: sums of them are exact in any order, so gradients compare exactly.
     cot = jnp.asarray(rng.integers(-4, 5, (8, 12, 64)), jnp.float32)

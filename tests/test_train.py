@@ -60,13 +60,12 @@ def test_tiny_sft_learns_the_task(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_model():
-    return InternLM2ForCausalLM(tiny_config(), rngs=nnx.Rngs(0))
+def tiny_model(seed):
+    return InternLM2ForCausalLM(tiny_config(), rngs=nnx.Rngs(seed))
 
 
-def test_micro_batches_give_the_same_gradient(tiny_model):
+def test_micro_batches_give_the_same_gradient(tiny_model, rng):
     graphdef, params, rest = nnx.split(tiny_model, nnx.Param, ...)
-    rng = np.random.default_rng(0)
     ids = rng.integers(3, 256, (8, 33))
     weights = (rng.random((8, 32)) < 0.7).astype(np.float32)  # uneven target counts per row
     batch = {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_weights": weights}
@@ -77,11 +76,11 @@ def test_micro_batches_give_the_same_gradient(tiny_model):
         np.testing.assert_allclose(b, a, atol=1e-5, rtol=0)
 
 
-def test_packed_rows_equal_examples_one_by_one():
+def test_packed_rows_equal_examples_one_by_one(seed):
     from jaxlm.tokenizer import InternLM2Tokenizer
 
     tok = InternLM2Tokenizer.from_pretrained(str(REPO / "jaxlm/assets/tiny"))
-    tiny_model = InternLM2ForCausalLM(tiny_config(vocab_size=512), rngs=nnx.Rngs(1))
+    tiny_model = InternLM2ForCausalLM(tiny_config(vocab_size=512), rngs=nnx.Rngs(seed))
     chats = [[{"role": "user", "content": f"what is {i} plus {i}?"},
               {"role": "assistant", "content": f"It is {2 * i}."}] for i in range(5)]
     examples = [encode_chat(tok, m) for m in chats]
@@ -104,7 +103,7 @@ def lora_config(base_path, tmp_path, **changes):
         optimizer=dataclasses.replace(base.optimizer, learning_rate=5e-2), **changes)
 
 
-def test_lora_trains_only_adapters_and_exports(make_hf_checkpoint, tmp_path):
+def test_lora_trains_only_adapters_and_exports(make_hf_checkpoint, tmp_path, rng):
     import torch
     from peft import LoraConfig as PeftConfig
     from peft import inject_adapter_in_model, set_peft_model_state_dict
@@ -116,7 +115,7 @@ def test_lora_trains_only_adapters_and_exports(make_hf_checkpoint, tmp_path):
     result = train(lora_config(base, tmp_path), str(tmp_path / "run"), progress=False, log=lambda m: None)
     base_model = InternLM2ForCausalLM.from_pretrained(base)
     # the base weights are untouched: the trained run's frozen params equal the checkpoint's
-    ids = np.random.default_rng(0).integers(3, 512, (2, 20))
+    ids = rng.integers(3, 512, (2, 20))
     adapted = InternLM2ForCausalLM.from_pretrained(base)
     cfg = load_adapter(adapted, str(tmp_path / "run" / "adapter"))
     assert cfg.rank == 4
@@ -146,21 +145,21 @@ def test_lora_trains_only_adapters_and_exports(make_hf_checkpoint, tmp_path):
     np.testing.assert_allclose(torch_logits, adapted_logits, atol=1e-4)
 
 
-def test_lora_base_weights_stay_bit_identical(make_hf_checkpoint, tmp_path):
+def test_lora_base_weights_stay_bit_identical(make_hf_checkpoint, tmp_path, seed, rng):
     from jaxlm.train.step import make_optimizer, train_step
 
     model = InternLM2ForCausalLM.from_pretrained(make_hf_checkpoint(vocab_size=512), scan_layers=True)
-    apply_lora(model, LoRAConfig(enabled=True, rank=4, alpha=8, dropout=0.1))
+    apply_lora(model, LoRAConfig(enabled=True, rank=4, alpha=8, dropout=0.1), seed=seed)
     graphdef, trainable, frozen = nnx.split(model, nnx.LoRAParam, ...)
     before = [np.asarray(x).copy() for x in jax.tree.leaves(frozen)]
     opt = make_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_steps=1, total_steps=5))
     state = opt.init(trainable)
-    ids = np.random.default_rng(1).integers(3, 512, (4, 17))
+    ids = rng.integers(3, 512, (4, 17))
     batch = {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_weights": np.ones((4, 16), np.float32)}
     first = jax.tree.leaves(trainable)[0].copy()
     for step in range(3):
         trainable, state, _ = train_step(graphdef, trainable, frozen, state, batch, optimizer=opt,
-                                         dropout_key=jax.random.key(step))
+                                         dropout_key=jax.random.fold_in(jax.random.key(seed), step))
     assert not np.array_equal(jax.tree.leaves(trainable)[0], first)
     for a, b in zip(before, jax.tree.leaves(frozen)):
         assert np.array_equal(a, np.asarray(b))
