@@ -11,11 +11,11 @@ import optax
 import pytest
 from flax import nnx
 
-from conftest import REPO
+from conftest import REPO, tiny_config
 from jaxlm import ConfigError, InternLM2Config, InternLM2ForCausalLM
 from jaxlm.checkpoint.loading import param_sharding
-from jaxlm.generation import engine
-from jaxlm.generation.sampling import SamplerFlags
+from jaxlm.runtime import engine
+from jaxlm.runtime.sampling import SamplerFlags
 from jaxlm.plan import plan_memory
 from jaxlm.sharding import make_mesh, named_sharding
 from jaxlm.train.step import OptimizerConfig, make_optimizer, train_step
@@ -29,15 +29,15 @@ def device_bytes(compiled) -> int:
     return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
 
 
-def abstract_model(mesh, scan=True, **options):
-    model = nnx.eval_shape(lambda: InternLM2ForCausalLM(CONFIG, scan_layers=scan, rngs=nnx.Rngs(0), **options))
+def abstract_model(mesh, scan=True, config=CONFIG, **options):
+    model = nnx.eval_shape(lambda: InternLM2ForCausalLM(config, scan_layers=scan, rngs=nnx.Rngs(0), **options))
     return model, lambda var: jax.ShapeDtypeStruct(var.get_value().shape, var.get_value().dtype,
                                                    sharding=param_sharding(var, mesh))
 
 
-def compiled_train_step(mesh_spec, batch, T, remat, dtype):
+def compiled_train_step(mesh_spec, batch, T, remat, dtype, config=CONFIG):
     mesh = make_mesh(mesh_spec)
-    model, place = abstract_model(mesh, dtype=dtype, param_dtype="float32", remat=remat)
+    model, place = abstract_model(mesh, config=config, dtype=dtype, param_dtype="float32", remat=remat)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params = jax.tree.map(place, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
     opt = make_optimizer(OptimizerConfig())
@@ -54,9 +54,10 @@ def compiled_train_step(mesh_spec, batch, T, remat, dtype):
 
 
 def compiled_prefill(mesh_spec, batch, T, dtype, chunk=None, cache_dtype=None, scan=True, extra=16,
-                     context_attention="allgather"):
+                     context_attention="allgather", config=CONFIG):
     mesh = make_mesh(mesh_spec)
-    model, place = abstract_model(mesh, scan=scan, dtype=dtype, param_dtype=dtype, context_attention=context_attention)
+    model, place = abstract_model(mesh, scan=scan, config=config, dtype=dtype, param_dtype=dtype,
+                                  context_attention=context_attention)
     graphdef, state = nnx.split(model)
     state = jax.tree.map(place, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
     rows = named_sharding(mesh, ("batch",))
@@ -108,6 +109,47 @@ def test_long_context_plan_within_15_percent(mesh, batch, T, chunk, cache, strat
                        kv_cache_dtype=cache, scan_layers=False, context_attention=strategy)
     print(f"chunked prefill {mesh} {batch}x{T} chunk {chunk} {cache} cache: plan {plan.total / 2**20:.0f} MiB, "
           f"XLA {xla / 2**20:.0f} MiB")
+    assert abs(plan.total / xla - 1) <= 0.15
+
+
+# Model shapes outside the fit (CONFIG): other widths, depth, heads, head_dim, vocab.
+SMALL = tiny_config(vocab_size=4096, hidden_size=512, intermediate_size=1408, num_hidden_layers=2,
+                    num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4096)
+TINY = tiny_config(num_hidden_layers=2, max_position_embeddings=4096)
+
+CPU_BF16_FIT = ("prefill factors fitted on bfloat16 compiles, which XLA:CPU runs in float32: "
+                "a float32 one-shot prefill is over-planned (1.89 here)")
+ONE_SHOT_DENSE = ("a one-shot prefill attends only the prompt's keys (dense causal blocks, every block's scores "
+                  "live), but the planner picks blockwise from chunk x cache length: under-planned (0.37 here)")
+
+
+@pytest.mark.parametrize("kind, config, mesh, batch, T, options", [
+    # training: a data axis, remat dots_saveable, another model shape (0.93 of XLA)
+    ("train", TINY, "data=2,fsdp=4", 8, 1024, dict(remat="dots_saveable")),
+    # chunked prefill on context x tensor with an int8 cache (1.12 of XLA)
+    ("prefill", CONFIG, "context=4,tensor=2", 1, 16384, dict(chunk=2048, cache="int8", scan=False, extra=512)),
+    pytest.param("prefill", SMALL, "fsdp=2,tensor=4", 2, 4096, dict(cache="int8"),
+                 marks=pytest.mark.xfail(strict=True, reason=CPU_BF16_FIT)),
+    pytest.param("prefill", TINY, "fsdp=8", 8, 2048, dict(),
+                 marks=pytest.mark.xfail(strict=True, reason=ONE_SHOT_DENSE)),
+], ids=["train-tiny-data2fsdp4-dots", "prefill-context4tensor2-int8", "prefill-small-fsdp2tensor4-f32", "prefill-tiny-fsdp8-one-shot"])
+def test_plan_on_held_out_configs(kind, config, mesh, batch, T, options):
+    """The planner on configurations outside the fit set (see the fitted constants in jaxlm/plan.py),
+    float32 throughout; the misses still open are strict xfails, with their measured ratio. (A
+    training miss too costly to compile here: SMALL on fsdp=2,tensor=4, 4x2048, remat full, 0.85.)"""
+    if kind == "train":
+        xla = device_bytes(compiled_train_step(mesh, batch, T, options["remat"], "float32", config=config))
+        plan = plan_memory(config, mesh=mesh, batch=batch, context=T, train="full", remat=options["remat"],
+                           dtype="float32")
+    else:
+        chunk, cache, scan, extra = (options.get("chunk"), options.get("cache"), options.get("scan", True),
+                                     options.get("extra", 16))
+        xla = device_bytes(compiled_prefill(mesh, batch, T, "float32", chunk=chunk, cache_dtype=cache, scan=scan,
+                                            extra=extra, config=config))
+        plan = plan_memory(config, mesh=mesh, batch=batch, context=T + extra, dtype="float32", chunk=chunk or T,
+                           kv_cache_dtype=cache, scan_layers=scan)
+    print(f"held out {kind} {mesh} {batch}x{T} {options}: plan {plan.total / 2**20:.1f} MiB, "
+          f"XLA {xla / 2**20:.1f} MiB, ratio {plan.total / xla:.3f}")
     assert abs(plan.total / xla - 1) <= 0.15
 
 

@@ -73,6 +73,11 @@ def read(cache, dtype, length: int | None = None):
 
 
 def bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype) -> int:
+    """Bytes one token takes in the K and V caches of ``num_layers`` layers, ``kv_heads`` of them
+    (per device: the kv heads a device holds); int8 adds each token and head's float32 scale.
+
+    The memory planner's (`jaxlm.plan`) KV cache bytes are this, times the cached tokens and rows.
+    """
     if is_quantized(dtype):
         return 2 * num_layers * kv_heads * (head_dim + 4)
     return 2 * num_layers * kv_heads * head_dim * jnp.dtype(dtype).itemsize
