@@ -18,6 +18,7 @@ from flax import nnx
 
 from jaxlm.errors import ConfigError
 from jaxlm.files import parse_size
+from jaxlm.models.internlm2 import InternLM2Network
 from jaxlm.nn.attention import DENSE_LIMIT, K_BLOCK, Q_BLOCK
 from jaxlm.nn.kv_cache import bytes_per_token
 from jaxlm.nn.params import logical_axes
@@ -212,12 +213,8 @@ class _Weights:
 
 def _weight_elements(config, compute, param_dtype, sizes, lora_targets) -> _Weights:
     """Walks the abstract model's parameters; ``lora_targets`` empty counts no adapters."""
-    # Local: a top-level import is a cycle (jaxlm.models.causal_lm imports
-    # jaxlm.runtime.generate, which imports this module for its fit check).
-    from jaxlm import InternLM2ForCausalLM
-
-    model = nnx.eval_shape(lambda: InternLM2ForCausalLM(config, dtype=compute, param_dtype=param_dtype,
-                                                        rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: InternLM2Network(config, dtype=compute, param_dtype=param_dtype,
+                                                    rngs=nnx.Rngs(0)))
     elements, lora = 0.0, 0
     layer_elems: dict[str, float] = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
