@@ -58,7 +58,7 @@ def compile_both(mesh_spec, layers):
     place = lambda v: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype, sharding=param_sharding(v, mesh))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params = jax.tree.map(place, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    rows = named_sharding(mesh, ("batch", None))
+    rows = named_sharding(mesh, ("act_batch", None))
     ids = jax.ShapeDtypeStruct((BATCH, SEQ), jnp.int32, sharding=rows)
 
     def forward(params, ids):

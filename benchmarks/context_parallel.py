@@ -59,7 +59,7 @@ def main():
     rows = []
     for T in (int(x) for x in args.lengths.split(",")):
         ids = np.random.default_rng(T).integers(3, config.vocab_size, (1, T)).astype(np.int32)
-        ids, lens = (jax.device_put(x, named_sharding(mesh, ("batch",) + (None,) * (x.ndim - 1)))
+        ids, lens = (jax.device_put(x, named_sharding(mesh, ("act_batch",) + (None,) * (x.ndim - 1)))
                      for x in (ids, np.array([T], np.int32)))
         for chunk in (None, args.chunk):
             logits = {}

@@ -49,26 +49,26 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("norm", None),
     ("layers", None),
     # activations
-    ("batch", ("data", "fsdp")),
-    ("length", "context"),
+    ("act_batch", ("data", "fsdp")),
+    ("act_length", "context"),
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_kv_heads", "tensor"),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
-    ("cache_length", "context"),
+    ("act_cache_length", "context"),
 )
 
 # The logical axes of every activation the runtime constrains, by what it holds.
 ACT: dict[str, tuple[str | None, ...]] = {
-    "tokens": ("batch", None),                                     # [B, T] ids, masks, positions
-    "rows": ("batch",),                                            # [B] lengths, flags
-    "hidden": ("batch", "length", "act_embed"),                    # [B, T, E] residual stream
-    "queries": ("batch", "length", "act_kv_heads", None, None),    # [B, T, K, G, D]
-    "decode_queries": ("batch", "act_heads", None),                # [B, H, D] one query per row
-    "kv_cache": ("batch", "cache_length", "act_kv_heads", None),   # [B, S, K, D]
-    "kv_scale": ("batch", "cache_length", "act_kv_heads"),         # [B, S, K] int8 cache scales
-    "logits": ("batch", "length", "act_vocab"),                    # [B, T, V]
+    "tokens": ("act_batch", None),                                        # [B, T] ids, masks, positions
+    "rows": ("act_batch",),                                               # [B] lengths, flags
+    "hidden": ("act_batch", "act_length", "act_embed"),                   # [B, T, E] residual stream
+    "queries": ("act_batch", "act_length", "act_kv_heads", None, None),   # [B, T, K, G, D]
+    "decode_queries": ("act_batch", "act_heads", None),                   # [B, H, D] one query per row
+    "kv_cache": ("act_batch", "act_cache_length", "act_kv_heads", None),  # [B, S, K, D]
+    "kv_scale": ("act_batch", "act_cache_length", "act_kv_heads"),        # [B, S, K] int8 cache scales
+    "logits": ("act_batch", "act_length", "act_vocab"),                   # [B, T, V]
 }
 
 REPLICATION_WARN_BYTES = 1 << 20   # dropped mesh axes are reported above this much per device
@@ -280,7 +280,7 @@ def named_sharding(mesh, axes: Sequence[str | None], shape: Sequence[int] | None
 def context_axis(mesh_axes: dict[str, int] | None = None) -> str | None:
     """The mesh axis the cache slots are split over, when the mesh (default: the active one) splits them."""
     sizes = active_mesh_axes() if mesh_axes is None else mesh_axes
-    for name in _rule_targets(current_rules(), "cache_length"):
+    for name in _rule_targets(current_rules(), "act_cache_length"):
         if sizes.get(name, 1) > 1:
             return name
     return None
@@ -300,7 +300,7 @@ def batch_multiple(mesh) -> int:
     if mesh is None:
         return 1
     sizes = mesh_sizes(mesh)
-    return math.prod(sizes.get(n, 1) for n in _rule_targets(current_rules(), "batch"))
+    return math.prod(sizes.get(n, 1) for n in _rule_targets(current_rules(), "act_batch"))
 
 
 def model_mesh(model) -> Mesh | None:

@@ -176,11 +176,11 @@ def test_equal_configs_hash_equally():
 # --------------------------------------------------------- axis rules key jits
 def test_changing_axis_rules_recompiles():
     mesh = make_mesh("data=8")
-    spread = jit_with_rules(lambda x: constrain(x * 2, ("batch", None)))
+    spread = jit_with_rules(lambda x: constrain(x * 2, ("act_batch", None)))
     x = jax.device_put(jnp.ones((8, 4)), named_sharding(mesh, (None, None)))
     with jax.set_mesh(mesh):
         split = spread(x)
-        with axis_rules({"batch": None}):
+        with axis_rules({"act_batch": None}):
             whole = spread(x)
     assert split.sharding.spec[0] == "data" and whole.sharding.spec[0] is None
 
@@ -192,7 +192,7 @@ def test_model_forward_follows_the_rules_in_force(make_hf_checkpoint):
     compiled = forward._compiled_logits
     default = model(ids)
     before = compiled.cache_size()
-    with axis_rules({"act_vocab": ("data", "fsdp"), "batch": None}):
+    with axis_rules({"act_vocab": ("data", "fsdp"), "act_batch": None}):
         vocab_split = model(ids)
         assert compiled.cache_size() == before + 1         # a new program for the new layout...
         model(ids)

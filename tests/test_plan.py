@@ -46,7 +46,7 @@ def compiled_train_step(mesh_spec, batch, T, remat, dtype, config=CONFIG):
         jax.eval_shape(opt.init, params), params,
         transform_non_params=lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
                                                             sharding=named_sharding(mesh, (None,) * s.ndim)))
-    rows = named_sharding(mesh, ("batch", None))
+    rows = named_sharding(mesh, ("act_batch", None))
     batch_spec = {k: jax.ShapeDtypeStruct((batch, T), jnp.float32 if k == "loss_weights" else jnp.int32,
                                           sharding=rows) for k in ("input_ids", "targets", "loss_weights")}
     with jax.set_mesh(mesh):
@@ -60,10 +60,10 @@ def compiled_prefill(mesh_spec, batch, T, dtype, chunk=None, cache_dtype=None, s
                                   context_attention=context_attention)
     graphdef, state = nnx.split(model)
     state = jax.tree.map(place, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    rows = named_sharding(mesh, ("batch",))
+    rows = named_sharding(mesh, ("act_batch",))
     with jax.set_mesh(mesh):
         return engine.prefill.lower(
-            graphdef, state, jax.ShapeDtypeStruct((batch, T), jnp.int32, sharding=named_sharding(mesh, ("batch", None))),
+            graphdef, state, jax.ShapeDtypeStruct((batch, T), jnp.int32, sharding=named_sharding(mesh, ("act_batch", None))),
             jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows), jnp.int32(T), None, jnp.int32(0),
             jax.ShapeDtypeStruct((batch,), bool, sharding=rows), cache_len=T + extra,
             cache_dtype=jnp.dtype(cache_dtype or dtype), num_new=extra, flags=SamplerFlags(), chunk=chunk).compile()

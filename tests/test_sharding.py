@@ -164,7 +164,7 @@ for name, m in [("single", None), ("sharded", mesh)]:
     if m is None:
         loss, grads = grad(params, ids, targets)
     else:
-        rows = named_sharding(m, ("batch", None))
+        rows = named_sharding(m, ("act_batch", None))
         with jax.set_mesh(m):
             loss, grads = grad(params, jax.device_put(ids, rows), jax.device_put(targets, rows))
     results[name + "_loss"] = np.asarray(loss)
@@ -199,7 +199,7 @@ def test_embedding_lookup_partitions_without_rematerialization(make_hf_checkpoin
 EMBED_CASES = {  # vocab size, rule overrides, the table's spec on data=2,fsdp=2,tensor=2
     "vocab_over_tensor": (256, {}, ("tensor", "fsdp")),
     "vocab_not_divisible": (255, {}, (None, "fsdp")),
-    "embed_axis_not_on_rows": (256, {"batch": "data"}, ("tensor", "fsdp")),
+    "embed_axis_not_on_rows": (256, {"act_batch": "data"}, ("tensor", "fsdp")),
     "vocab_axis_on_rows": (256, {"vocab": "fsdp", "embed": "tensor"}, ("fsdp", "tensor")),
 }
 
@@ -231,7 +231,7 @@ def test_embed_lookup_is_exact_on_a_mesh(case, seed, rng):
         spec = logical_to_spec(("vocab", "embed"), mesh_sizes(m), shape=table.shape)
         assert spec == jax.sharding.PartitionSpec(*table_spec)
         placed = jax.tree.map(lambda v: jax.device_put(v, jax.sharding.NamedSharding(m, spec)), state)
-        rows = jax.device_put(ids, jax.sharding.NamedSharding(m, logical_to_spec(("batch", None), mesh_sizes(m))))
+        rows = jax.device_put(ids, jax.sharding.NamedSharding(m, logical_to_spec(("act_batch", None), mesh_sizes(m))))
         with jax.set_mesh(m):
             np.testing.assert_array_equal(np.asarray(jax.jit(lookup)(placed, rows)), expected)
             np.testing.assert_array_equal(np.asarray(jax.jit(grad)(placed, rows)), expected_grad)

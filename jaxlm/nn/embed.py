@@ -8,8 +8,8 @@ from jax.sharding import AxisType, PartitionSpec
 from jaxlm.nn.params import logical_param, normal
 from jaxlm.sharding import active_mesh_axes, logical_to_spec
 
-# The rows' layout: what `constrain(x, ("batch", "length", "act_embed"))` gives them.
-ROW_AXES = ("batch", "length")
+# The rows' layout: what `constrain(x, ("act_batch", "act_length", "act_embed"))` gives them.
+ROW_AXES = ("act_batch", "act_length")
 
 
 class Embed(nnx.Module):

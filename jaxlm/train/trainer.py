@@ -35,7 +35,7 @@ from jaxlm.errors import ConfigError, JaxlmError
 from jaxlm.files import copy_if_present
 from jaxlm.models.causal_lm import InternLM2ForCausalLM
 from jaxlm.options import ModelOptions
-from jaxlm.sharding import batch_multiple, check_mesh_for_model, make_mesh, named_sharding
+from jaxlm.sharding import ACT, batch_multiple, check_mesh_for_model, make_mesh, named_sharding
 from jaxlm.tokenizer import InternLM2Tokenizer
 from jaxlm.train.config import TrainConfig
 from jaxlm.train.data import DataReport, DataState, PackedBatches, load_examples
@@ -188,7 +188,7 @@ def _setup(cfg: TrainConfig, workdir: str, log) -> _Run:
         f"{'LoRA adapters' if cfg.lora.enabled else 'all weights'} ({n_trainable / 1e6:.2f}M); "
         f"mesh {dict(mesh.shape)}")
     return _Run(cfg, workdir, mesh, tokenizer, report, batches, eval_rows, model.config, graphdef, trainable,
-                frozen, optimizer, opt_state, named_sharding(mesh, ("batch", None)), jax.random.key(cfg.seed))
+                frozen, optimizer, opt_state, named_sharding(mesh, ACT["tokens"]), jax.random.key(cfg.seed))
 
 
 def _setup_data(cfg: TrainConfig):
