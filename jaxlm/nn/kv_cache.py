@@ -1,4 +1,4 @@
-"""The per-layer KV cache: ``(k, v)`` in a float dtype, or int8 with scales.
+"""The per-layer KV cache: contiguous ``(k, v)`` in a float dtype or int8 with scales, or paged.
 
 Layout ``[B, S, K, D]`` (batch, slot, kv head, head dim), sharded by the
 logical axes (batch, cache_length, act_kv_heads). The int8 form stores one
@@ -10,6 +10,7 @@ XLA and Pallas alike): the int8 cache saves memory, not yet bandwidth.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from jaxlm.sharding import ACT, constrain
@@ -50,6 +51,8 @@ def quantize(x):
 
 def write(cache, k, v, write_slot):
     """Writes ``k, v [B, T, K, D]`` at per-row slots ``write_slot [B]`` onward."""
+    if isinstance(cache, PagedLayerCache):
+        return _write_pages(cache, k, v, write_slot)
     rows = jnp.arange(k.shape[0])[:, None]
     slots = write_slot[:, None] + jnp.arange(k.shape[1])[None, :]             # [B, T]
     put = lambda buf, val, axes: constrain(buf.at[rows, slots].set(val.astype(buf.dtype), mode="drop"), axes)
@@ -62,14 +65,80 @@ def write(cache, k, v, write_slot):
 
 
 def read(cache, dtype, length: int | None = None):
-    """``(k, v)`` in ``dtype`` (dequantized for int8), the first ``length`` slots."""
+    """``(k, v)`` in ``dtype`` (dequantized for int8), the first ``length`` slots (paged: all of the rows')."""
+    if isinstance(cache, PagedLayerCache):
+        return _read_pages(cache, dtype)
     cut = (lambda x: x) if length is None else (lambda x: x[:, :length])
     if len(cache) == 4:
         kc, vc, ks, vs = (cut(x) for x in cache)
-        deq = lambda q, s: (q.astype(jnp.float32) * s[..., None]).astype(dtype)
-        return deq(kc, ks), deq(vc, vs)
+        return _dequantize(kc, ks, dtype), _dequantize(vc, vs, dtype)
     kc, vc = cache
     return cut(kc).astype(dtype), cut(vc).astype(dtype)
+
+
+def _dequantize(q, scale, dtype):
+    return (q.astype(jnp.float32) * scale[..., None]).astype(dtype)
+
+
+# ---------------------------------------------------------------- paged
+NULL_PAGE = 0
+
+
+class PagedLayerCache:
+    """One layer's pages plus the block table of the rows in this call."""
+
+    def __init__(self, pages: tuple, block_table: jax.Array):
+        self.pages = pages                # (k, v) or (k, v, k_scale, v_scale), [P, page, K(, D)]
+        self.block_table = block_table    # [R, pages_per_row] int32
+
+    @property
+    def page_size(self) -> int:
+        return self.pages[0].shape[1]
+
+
+jax.tree_util.register_pytree_node(
+    PagedLayerCache, lambda c: ((c.pages, c.block_table), None), lambda _, xs: PagedLayerCache(*xs))
+
+
+def empty_pages(num_pages: int, page_size: int, kv_heads: int, head_dim: int, dtype) -> tuple:
+    """A zero pool of one layer (int8 adds per-token-and-head scales)."""
+    shape = (num_pages, page_size, kv_heads, head_dim)
+    if is_quantized(dtype):
+        return (jnp.zeros(shape, jnp.int8), jnp.zeros(shape, jnp.int8),
+                jnp.zeros(shape[:-1], jnp.float32), jnp.zeros(shape[:-1], jnp.float32))
+    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+
+
+def _locate(cache: PagedLayerCache, write_slot, T: int):
+    """(page, offset) ``[R, T]`` of the slots ``write_slot[r] + [0, T)``."""
+    slots = write_slot[:, None] + jnp.arange(T)[None, :]
+    col = jnp.clip(slots // cache.page_size, 0, cache.block_table.shape[1] - 1)
+    page = jnp.take_along_axis(cache.block_table, col, axis=1)
+    beyond = slots // cache.page_size >= cache.block_table.shape[1]
+    return jnp.where(beyond, NULL_PAGE, page), slots % cache.page_size
+
+
+def _write_pages(cache: PagedLayerCache, k, v, write_slot) -> PagedLayerCache:
+    """Writes ``k, v [R, T, K, D]`` at per-row slots ``write_slot [R]`` onward."""
+    page, offset = _locate(cache, write_slot, k.shape[1])
+    put = lambda buf, val: buf.at[page, offset].set(val.astype(buf.dtype))
+    if len(cache.pages) == 4:
+        kp, vp, ks, vs = cache.pages
+        (kq, kscale), (vq, vscale) = quantize(k), quantize(v)
+        pages = (put(kp, kq), put(vp, vq), put(ks, kscale), put(vs, vscale))
+    else:
+        pages = (put(cache.pages[0], k), put(cache.pages[1], v))
+    return PagedLayerCache(pages, cache.block_table)
+
+
+def _read_pages(cache: PagedLayerCache, dtype):
+    """``(k, v) [R, S, K, D]`` in ``dtype``: every page of each row's block table, in order."""
+    R, n = cache.block_table.shape
+    gather = lambda buf: buf[cache.block_table].reshape((R, n * cache.page_size) + buf.shape[2:])
+    if len(cache.pages) == 4:
+        kp, vp, ks, vs = (gather(x) for x in cache.pages)
+        return _dequantize(kp, ks, dtype), _dequantize(vp, vs, dtype)
+    return gather(cache.pages[0]).astype(dtype), gather(cache.pages[1]).astype(dtype)
 
 
 def bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype) -> int:

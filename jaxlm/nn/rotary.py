@@ -46,10 +46,16 @@ def inv_frequencies(head_dim: int, base) -> jax.Array:
 
 
 def rope_cos_sin(positions: jax.Array, rope: RopeConfig, base, dtype) -> tuple[jax.Array, jax.Array]:
-    """cos and sin of shape ``[B, T, head_dim]`` for integer ``positions [B, T]``."""
+    """cos and sin of shape ``[B, T, head_dim]`` for integer ``positions [B, T]``.
+
+    ``base`` is one value, or one per row ``[B]`` (rows of different lengths
+    under dynamic NTK, as the serving engine batches them).
+    """
     pos = positions.astype(jnp.float32)
     if rope.scaling_type == "linear":
         pos = pos / jnp.float32(rope.factor)
+    base = jnp.asarray(base, jnp.float32)
+    base = base.reshape(base.shape + (1, 1)) if base.ndim else base
     freqs = pos[..., None] * inv_frequencies(rope.head_dim, base)  # [B, T, D/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)                 # [B, T, D]
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)

@@ -32,15 +32,17 @@ def repetition_penalty(logits, seen, penalty):
 
 
 def top_k_filter(logits, k):
-    """Keeps logits >= the k-th largest (ties kept, as HF does)."""
-    k = jnp.clip(k, 1, logits.shape[-1])
+    """Keeps logits >= the k-th largest (ties kept, as HF does); ``k`` is one value or one per row."""
+    k = jnp.broadcast_to(jnp.clip(k, 1, logits.shape[-1]), logits.shape[:1])
     descending = -jnp.sort(-logits, axis=-1)
-    kth = jnp.take(descending, k - 1, axis=-1)[:, None]
+    kth = jnp.take_along_axis(descending, (k - 1)[:, None], axis=-1)
     return jnp.where(logits < kth, NEG_INF, logits)
 
 
 def top_p_filter(logits, p):
-    """HF's TopPLogitsWarper: drop the low tail whose mass is <= 1 - p; keep >= 1 token."""
+    """HF's TopPLogitsWarper: drop the low tail whose mass is <= 1 - p; keep >= 1 token.
+
+    ``p`` is one value, or ``[B, 1]`` (one per row)."""
     order = jnp.argsort(logits, axis=-1)                     # ascending
     sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
     cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
