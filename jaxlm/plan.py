@@ -22,6 +22,7 @@ from jaxlm.models.internlm2 import InternLM2Network
 from jaxlm.nn.attention import DENSE_LIMIT, K_BLOCK, Q_BLOCK
 from jaxlm.nn.kv_cache import bytes_per_token
 from jaxlm.nn.params import logical_axes
+from jaxlm.options import REMAT_POLICIES
 from jaxlm.sharding import MeshConfig, check_mesh_for_model, logical_to_spec, mesh_sizes
 from jaxlm.train.step import LOSS_CHUNK
 
@@ -370,7 +371,7 @@ def plan_memory(config, *, mesh=None, batch: int = 1, context: int = 2048, train
     """
     if train not in (None, "full", "lora"):
         raise ConfigError(f"train: expected 'full' or 'lora', got {train!r}")
-    if remat not in ("none", "full", "dots_saveable"):
+    if remat not in REMAT_POLICIES:
         raise ConfigError(f"remat: expected none, full or dots_saveable, got {remat!r}")
     sizes = _mesh_sizes(mesh)
     check_mesh_for_model(_AxisSizes(tuple(sizes), tuple(sizes.values())), config)

@@ -8,6 +8,7 @@ import json
 
 from jaxlm.cli_util import quiet_runtime_logs, user_errors
 from jaxlm.config import InternLM2Config
+from jaxlm.options import CONTEXT_ATTENTION, REMAT_POLICIES
 from jaxlm.plan import plan_memory
 
 
@@ -22,11 +23,11 @@ def build_parser(parser):
     parser.add_argument("--dtype", default="bfloat16", help="compute dtype (default bfloat16)")
     parser.add_argument("--param-dtype", default=None,
                         help="stored weights (default: float32 for full training, else --dtype)")
-    parser.add_argument("--remat", default="full", choices=["none", "full", "dots_saveable"])
+    parser.add_argument("--remat", default="full", choices=REMAT_POLICIES)
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--kv-cache-dtype", default=None, help="bfloat16 (default: --dtype) or int8")
     parser.add_argument("--chunk", type=int, default=None, help="prefill chunk size (inference)")
-    parser.add_argument("--context-attention", choices=["allgather", "ring", "xla"], default="allgather",
+    parser.add_argument("--context-attention", choices=CONTEXT_ATTENTION, default="allgather",
                         help="prefill strategy on a context mesh axis (default allgather)")
     parser.add_argument("--scan-layers", choices=["on", "off"], default=None,
                         help="layers under lax.scan (default: on for training, off for inference)")

@@ -23,6 +23,7 @@ from jaxlm.errors import JaxlmError
 from jaxlm.eval import haystack
 from jaxlm.files import atomic_output_dir
 from jaxlm.models.causal_lm import InternLM2ForCausalLM
+from jaxlm.options import CONTEXT_ATTENTION
 from jaxlm.sharding import make_mesh
 from jaxlm.tokenizer import InternLM2Tokenizer
 
@@ -100,7 +101,7 @@ def build_parser(parser=None):
     parser.add_argument("--passkey", action="store_true", help="the passkey-retrieval variant")
     parser.add_argument("--chunk", type=int, default=4096, help="prefill chunk size (0: no chunking)")
     parser.add_argument("--mesh", default=None, help="e.g. context=8 or fsdp=2,context=4")
-    parser.add_argument("--context-attention", choices=["allgather", "ring"], default="allgather",
+    parser.add_argument("--context-attention", choices=CONTEXT_ATTENTION, default="allgather",
                         help="prefill strategy on a context axis (default allgather; ring holds less K/V)")
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--kv-cache-dtype", default=None, help="bfloat16, float32 or int8")

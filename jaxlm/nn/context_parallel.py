@@ -37,8 +37,6 @@ from jaxlm.kernels.common import merge_splits
 from jaxlm.nn.attention import AttentionMask
 from jaxlm.sharding import ACT, active_mesh_axes, logical_to_spec
 
-STRATEGIES = ("ring", "allgather", "xla")
-
 # (q, k, v, mask) -> (out [B, T, K, G, D] float32, lse [B, T, K, G]) on one device
 LocalPrefill = Callable[..., tuple[jax.Array, jax.Array]]
 # (q [B, H, D], k_cache, v_cache, lengths [B]) -> (out [B, H, D] float32, lse [B, H])
