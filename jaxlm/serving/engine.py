@@ -157,7 +157,12 @@ class Engine:
         R = self.config.max_num_seqs
         idle = [None] * R
         zeros = np.zeros(R, np.int32)
-        count = 0
+        # The pool and `seen` start out uncommitted, and every step returns them committed, which
+        # jit keys apart: a first decode commits them, so what compiles below is what serving calls.
+        self.kv, self.seen, *_ = programs.decode(
+            self.graphdef, self.state, self.kv, self.seen, zeros, zeros, self._block_table(idle, self.width_buckets[0]),
+            np.ones(R, np.int32), self._params(idle))
+        count = 1
         for width in self.width_buckets:
             self.kv, self.seen, *_ = programs.decode(
                 self.graphdef, self.state, self.kv, self.seen, zeros, zeros, self._block_table(idle, width),
