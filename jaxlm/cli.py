@@ -22,6 +22,7 @@ COMMANDS = {
     "plan": ("jaxlm.commands.plan", "bytes per device of a run, and whether it fits"),
     "train": ("jaxlm.commands.train", "fine-tune (full or LoRA) from an experiment config; resumes"),
     "eval": ("jaxlm.commands.eval", "long-context evaluations: ppl, needle, passkey"),
+    "serve": ("jaxlm.commands.serve", "OpenAI-compatible HTTP server: continuous batching, paged KV cache"),
 }
 
 
