@@ -41,8 +41,9 @@ from conftest import REPO, require_shared
 
 CASE = "tiny_chat_realvocab"
 MAX_MODEL_LEN = 256
-# small buckets: page 64 -> block tables of 1, 2 or 4 pages; one prefill chunk length (16): 6 programs
-ENGINE_ARGS = ["--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--page-size", "64", "--num-pages", "32",
+# small buckets: page 64 -> block tables of 1, 2 or 4 pages; one prefill chunk length (16): 7 programs.
+# 11 usable pages: four requests of 4 pages each do not fit at once (preemption)
+ENGINE_ARGS = ["--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--page-size", "64", "--num-pages", "12",
                "--max-num-batched-tokens", "16", "--max-num-seqs", "4"]
 MAX_QUEUE = 2
 TIMEOUT = 60          # seconds, any one request
@@ -282,6 +283,25 @@ def test_concurrent_requests_equal_their_solo_results(server, tok):
             return await asyncio.gather(*(one(b) for b in bodies))
 
     assert asyncio.run(together()) == solo      # 5 > max_num_seqs: one waits, then joins the batch
+
+
+def test_preemption_when_pages_run_out_changes_no_result(server):
+    rng = np.random.default_rng(0)
+    bodies = [dict(prompt=rng.integers(1000, 90000, 150).tolist(), max_tokens=90, ignore_eos=True,
+                   return_token_ids=True, **greedy()) for _ in range(4)]      # 240 tokens: 4 pages each
+    solo = [post(server, "/v1/completions", b)[1]["choices"][0]["token_ids"] for b in bodies]
+    before = metrics(server)["jaxlm_preemptions_total"]
+
+    async def together():
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT)) as session:
+            async def one(body):
+                async with session.post(server.url + "/v1/completions", json=body) as r:
+                    assert r.status == 200, await r.text()
+                    return (await r.json())["choices"][0]["token_ids"]
+            return await asyncio.gather(*(one(b) for b in bodies))
+
+    assert asyncio.run(together()) == solo
+    assert metrics(server)["jaxlm_preemptions_total"] > before
 
 
 def test_n_samples_share_the_prompt_pages(server, client, golden_case):
