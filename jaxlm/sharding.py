@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import logging
 import math
 import re
@@ -111,6 +112,14 @@ def jit_with_rules(fun=None, **jit_kwargs):
     def traced(*args, _axis_rules, **kwargs):
         with axis_rules(_axis_rules):
             return fun(*args, **kwargs)
+
+    # jit resolves static_argnames / donate_argnames through the signature: give it
+    # ``fun``'s, plus the hidden keyword, so positional calls donate by name too.
+    sig = inspect.signature(fun)
+    params = list(sig.parameters.values())
+    at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+    params.insert(at, inspect.Parameter("_axis_rules", inspect.Parameter.KEYWORD_ONLY))
+    traced.__signature__ = sig.replace(parameters=params)
 
     compiled = jax.jit(traced, static_argnames=static, **jit_kwargs)
 

@@ -185,6 +185,14 @@ def test_changing_axis_rules_recompiles():
     assert split.sharding.spec[0] == "data" and whole.sharding.spec[0] is None
 
 
+def test_rules_keyed_jit_still_donates_by_name():
+    """Positional calls donate the argument named in donate_argnames (the KV pages, the decode carry)."""
+    step = jit_with_rules(lambda pages, x: (pages + x, x), donate_argnames=("pages",))
+    pages = jnp.zeros((64, 64))
+    out, _ = step(pages, jnp.ones(()))
+    assert pages.is_deleted() and float(out[0, 0]) == 1.0
+
+
 def test_model_forward_follows_the_rules_in_force(make_hf_checkpoint):
     mesh = make_mesh("data=2,fsdp=4")
     model = InternLM2ForCausalLM.from_pretrained(make_hf_checkpoint(), mesh=mesh)
