@@ -137,6 +137,10 @@ class Engine:
             self.kv = [one() for _ in range(cfg.num_hidden_layers)]
         R, V = config.max_num_seqs, cfg.vocab_size
         self.seen = jnp.zeros((R, V), bool)
+        # Committed from the start, as every step returns them: jit keys committed and
+        # uncommitted arguments apart, so otherwise each program would compile twice.
+        device = jax.devices()[0]
+        self.kv, self.seen = jax.device_put((self.kv, self.seen), device)
         self.slots: list[_Request | None] = [None] * R
         self.waiting: deque[_Request] = deque()
         self.requests: dict[str, _Request] = {}
@@ -157,12 +161,7 @@ class Engine:
         R = self.config.max_num_seqs
         idle = [None] * R
         zeros = np.zeros(R, np.int32)
-        # The pool and `seen` start out uncommitted, and every step returns them committed, which
-        # jit keys apart: a first decode commits them, so what compiles below is what serving calls.
-        self.kv, self.seen, *_ = programs.decode(
-            self.graphdef, self.state, self.kv, self.seen, zeros, zeros, self._block_table(idle, self.width_buckets[0]),
-            np.ones(R, np.int32), self._params(idle))
-        count = 1
+        count = 0
         for width in self.width_buckets:
             self.kv, self.seen, *_ = programs.decode(
                 self.graphdef, self.state, self.kv, self.seen, zeros, zeros, self._block_table(idle, width),
