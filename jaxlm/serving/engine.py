@@ -40,6 +40,7 @@ from jaxlm.serving import step as programs
 from jaxlm.serving.pages import NULL_PAGE, PagePool, page_keys
 from jaxlm.serving.params import RequestError, RequestOutput, SamplingParams, TokenLogprob
 from jaxlm.serving.step import SlotParams
+from jaxlm.sharding import model_mesh
 
 _compiles = [0]
 # Every XLA compilation in the process, whatever triggered it: after `Engine.warmup` a
@@ -119,6 +120,10 @@ class Engine:
     def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig()):
         self.model, self.tokenizer, self.config = model, tokenizer, config
         cfg = model.config
+        mesh = model_mesh(model)
+        if mesh is not None and mesh.size > 1:
+            raise JaxlmError(f"mesh: the serving engine runs on one device for now; this model is placed on "
+                             f"{mesh.size} devices ({dict(mesh.shape)}): load it without a mesh")
         self.max_model_len = config.max_model_len or model.max_context
         self.page_size = config.page_size
         self.pages_per_row = -(-self.max_model_len // self.page_size)
