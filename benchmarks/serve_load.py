@@ -81,7 +81,20 @@ async def _one(session, url, payload, key):
     return (first or end) - start, end - start, gaps, tokens
 
 
-async def run_load(url, requests, *, model, concurrency=None, rate=None, seed=0, key=None, timeout=600):
+def jaxlm_payload(model, prompt, out_len):
+    return {"model": model, "prompt": prompt, "max_tokens": out_len, "temperature": 0.0, "stream": True,
+            "stream_options": {"include_usage": True}, "ignore_eos": True}
+
+
+def transformers_payload(model, prompt, out_len):
+    # transformers serve refuses fields outside its schema (ignore_eos is a 422); eos is
+    # turned off through its per-request generation_config instead.
+    return {"model": model, "prompt": prompt, "max_tokens": out_len, "temperature": 0.0, "stream": True,
+            "stream_options": {"include_usage": True}, "generation_config": json.dumps({"eos_token_id": -1})}
+
+
+async def run_load(url, requests, *, model, concurrency=None, rate=None, seed=0, key=None, timeout=600,
+                   payload=jaxlm_payload):
     import aiohttp
 
     rng = np.random.default_rng(seed)
@@ -89,9 +102,7 @@ async def run_load(url, requests, *, model, concurrency=None, rate=None, seed=0,
 
     async def send(session, prompt, out_len):
         async with sem:
-            payload = {"model": model, "prompt": prompt, "max_tokens": out_len, "temperature": 0.0,
-                       "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
-            return await _one(session, url, payload, key)
+            return await _one(session, url, payload(model, prompt, out_len), key)
 
     tasks = []
     start = time.perf_counter()
@@ -234,7 +245,7 @@ def main():
             try:
                 results["transformers serve --continuous-batching"] = asyncio.run(run_load(
                     f"http://127.0.0.1:{port}/v1/completions", prompts, model=llama,
-                    concurrency=args.max_concurrency, rate=args.request_rate))
+                    concurrency=args.max_concurrency, rate=args.request_rate, payload=transformers_payload))
             finally:
                 stop(proc)
         except Exception as e:  # reported, not hidden: the table says the peer did not run
