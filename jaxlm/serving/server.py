@@ -440,7 +440,7 @@ class _App:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         choices = [_Choice() for _ in range(count)]
         offsets = [0] * count
-        try:
+        async def events():
             async for index, out in stream:
                 choices[index].add(out)
                 if not out.text and not out.finished and not out.logprobs:
@@ -456,12 +456,8 @@ class _App:
                 if include_usage:
                     chunk["usage"] = None
                 yield _sse(chunk)
-        except EngineFailedError as e:
-            yield _sse(error_body(str(e), "internal_error", code="engine_failed"))
-        else:
-            if include_usage:
-                yield _sse(dict(head, choices=[], usage=_usage(choices, prompt_tokens)))
-        yield "data: [DONE]\n\n"
+        async for event in _end_of_stream(events(), head, choices, prompt_tokens, include_usage):
+            yield event
 
     # --------------------------------------------------------------- chat
     async def chat(self, body: ChatRequest, request: Request):
@@ -522,7 +518,7 @@ class _App:
                 c["usage"] = None
             return _sse(c)
 
-        try:
+        async def events():
             for i in range(count):
                 yield chunk(i, {"role": "assistant", "content": ""})
             async for i, out in stream:
@@ -550,12 +546,8 @@ class _App:
                         elif c.text[len(sent[i]):]:
                             yield chunk(i, {"content": c.text[len(sent[i]):]})
                     yield chunk(i, {}, finish)
-        except EngineFailedError as e:
-            yield _sse(error_body(str(e), "internal_error", code="engine_failed"))
-        else:
-            if include_usage:
-                yield _sse(dict(head, choices=[], usage=_usage(choices, prompt_tokens)))
-        yield "data: [DONE]\n\n"
+        async for event in _end_of_stream(events(), head, choices, prompt_tokens, include_usage):
+            yield event
 
 
 class _APIKeyMiddleware:
@@ -655,3 +647,17 @@ def build_app(engine: AsyncEngine, tokenizer, *, model_name: str, max_model_len:
         return Response(metrics.render(), media_type=metrics.content_type)
 
     return app
+
+
+async def _end_of_stream(events, head, choices, prompt_tokens, include_usage):
+    """Every SSE stream ends alike: an engine failure as an error event, else the usage
+    chunk (when asked for), then ``[DONE]``."""
+    try:
+        async for event in events:
+            yield event
+    except EngineFailedError as e:
+        yield _sse(error_body(str(e), "internal_error", code="engine_failed"))
+    else:
+        if include_usage:
+            yield _sse(dict(head, choices=[], usage=_usage(choices, prompt_tokens)))
+    yield "data: [DONE]\n\n"
