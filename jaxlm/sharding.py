@@ -69,6 +69,11 @@ ACT: dict[str, tuple[str | None, ...]] = {
     "decode_queries": ("act_batch", "act_heads", None),                   # [B, H, D] one query per row
     "kv_cache": ("act_batch", "act_cache_length", "act_kv_heads", None),  # [B, S, K, D]
     "kv_scale": ("act_batch", "act_cache_length", "act_kv_heads"),        # [B, S, K] int8 cache scales
+    # The serving pool: any row may hold any page, so the page axis is not split over
+    # the batch axes (rows read their pages wherever they are); kv heads split as above.
+    "kv_pages": (None, None, "act_kv_heads", None),                     # [P, page, K, D]
+    "kv_page_scale": (None, None, "act_kv_heads"),                      # [P, page, K] int8 scales
+    "replicated": (),                                                   # small per-slot state
     "logits": ("act_batch", "act_length", "act_vocab"),                   # [B, T, V]
 }
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxlm import InternLM2ForCausalLM, InternLM2Tokenizer
 from jaxlm.assets import TINY_DIR
+from jaxlm.errors import JaxlmError
 from jaxlm.serving import engine as engine_lib
 from jaxlm.serving.engine import Engine, EngineConfig
 from jaxlm.serving.params import RequestError, SamplingParams
+from jaxlm.sharding import make_mesh
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 CONFIG = EngineConfig(max_num_seqs=4, max_model_len=128, page_size=8, num_pages=96, max_num_batched_tokens=48)
@@ -159,3 +163,40 @@ def test_requests_beyond_the_model_length_are_refused(engine):
         engine.add_request([5, 999999], SamplingParams())
     with pytest.raises(RequestError, match="at least one token"):
         engine.add_request([], SamplingParams())
+
+
+SMALL = EngineConfig(max_num_seqs=4, max_model_len=64, page_size=16, num_pages=24, max_num_batched_tokens=48)
+
+
+def test_on_a_mesh_the_pool_splits_kv_heads_and_greedy_equals_generate(make_hf_checkpoint, model, tokenizer,
+                                                                        prompts):
+    mesh = make_mesh("data=2,fsdp=2,tensor=2")
+    # scanned layers: one stacked [L, ...] pool (the default model here is unrolled: a list)
+    sharded = InternLM2ForCausalLM.from_pretrained(make_hf_checkpoint(), mesh=mesh, scan_layers=True)
+    eng = Engine(sharded, tokenizer, SMALL)
+    k_pages = jax.tree.leaves(eng.kv)[0]                      # [L, P, page, K, D]
+    shard = k_pages.sharding.shard_shape(k_pages.shape)
+    assert shard[-2] == k_pages.shape[-2] // 2 and shard[:-2] == k_pages.shape[:-2]   # kv heads over tensor
+    eng.warmup()
+    before = engine_lib.compile_count()
+    short = [p[:40] for p in prompts]
+    got = run(eng, [(p, SamplingParams(max_tokens=8, **GREEDY)) for p in short] +
+              [(short[1], SamplingParams(max_tokens=6, temperature=0.8, top_k=5, seed=3))])
+    assert engine_lib.compile_count() == before
+    assert [r["tokens"] for r in got[:len(short)]] == [generate_alone(model, p, 8) for p in short]
+
+
+def test_a_context_axis_is_refused_with_the_reason(make_hf_checkpoint, tokenizer):
+    sharded = InternLM2ForCausalLM.from_pretrained(make_hf_checkpoint(), mesh=make_mesh("fsdp=4,context=2"))
+    with pytest.raises(JaxlmError, match="context axis"):
+        Engine(sharded, tokenizer, SMALL)
+
+
+def test_int8_kv_pages_give_the_int8_cache_generate_results(make_hf_checkpoint, tokenizer, prompts):
+    int8 = InternLM2ForCausalLM.from_pretrained(make_hf_checkpoint(), kv_cache_dtype="int8")
+    eng = Engine(int8, tokenizer, SMALL)
+    assert jax.tree.leaves(eng.kv)[0].dtype == jnp.int8
+    eng.warmup()
+    short = [p[:40] for p in prompts]
+    got = run(eng, [(p, SamplingParams(max_tokens=8, **GREEDY)) for p in short])
+    assert [r["tokens"] for r in got] == [generate_alone(int8, p, 8) for p in short]

@@ -84,8 +84,8 @@ def build_parser(parser):
     parser.add_argument("--kv-cache-dtype", default=None, help="KV-cache dtype, e.g. int8 (default: the compute dtype)")
     parser.add_argument("--quantize", default=None, choices=("int8", "int4"), help="weight quantization (not "
                                                                                    "available yet)")
-    parser.add_argument("--mesh", default=None, help="device mesh (the engine runs on one device for now: "
-                                                     "only a one-device mesh is accepted)")
+    parser.add_argument("--mesh", default=None, help="device mesh over data, fsdp and tensor, e.g. 'tensor=4' "
+                                                     "(the KV pages split their kv heads over tensor)")
     parser.add_argument("--api-key", default=os.environ.get("JAXLM_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on /v1 routes (default: $JAXLM_API_KEY, or none)")
     parser.add_argument("--max-queue", type=_non_negative_int, default=256,

@@ -100,13 +100,26 @@ jax.tree_util.register_pytree_node(
     PagedLayerCache, lambda c: ((c.pages, c.block_table), None), lambda _, xs: PagedLayerCache(*xs))
 
 
-def empty_pages(num_pages: int, page_size: int, kv_heads: int, head_dim: int, dtype) -> tuple:
-    """A zero pool of one layer (int8 adds per-token-and-head scales)."""
-    shape = (num_pages, page_size, kv_heads, head_dim)
+PAGE_AXES = ACT["kv_pages"]
+PAGE_SCALE_AXES = ACT["kv_page_scale"]
+
+
+def constrain_pages(pages: tuple, *, stacked: bool = False) -> tuple:
+    """One layer's pool (or the stacked ``[L, ...]`` pool) constrained to its logical axes:
+    kv heads split over the tensor axis, pages whole on every device (a no-op off a mesh)."""
+    lead = ("layers",) if stacked else ()
+    return tuple(constrain(x, lead + (PAGE_AXES if i < 2 else PAGE_SCALE_AXES)) for i, x in enumerate(pages))
+
+
+def empty_pages(num_pages: int, page_size: int, kv_heads: int, head_dim: int, dtype, *, layers: int = 0) -> tuple:
+    """A zero pool of one layer, or of ``layers`` stacked ones (int8 adds per-token-and-head scales)."""
+    shape = ((layers,) if layers else ()) + (num_pages, page_size, kv_heads, head_dim)
     if is_quantized(dtype):
-        return (jnp.zeros(shape, jnp.int8), jnp.zeros(shape, jnp.int8),
-                jnp.zeros(shape[:-1], jnp.float32), jnp.zeros(shape[:-1], jnp.float32))
-    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+        pages = (jnp.zeros(shape, jnp.int8), jnp.zeros(shape, jnp.int8),
+                 jnp.zeros(shape[:-1], jnp.float32), jnp.zeros(shape[:-1], jnp.float32))
+    else:
+        pages = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+    return constrain_pages(pages, stacked=bool(layers))
 
 
 def _locate(cache: PagedLayerCache, write_slot, T: int):

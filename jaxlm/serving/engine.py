@@ -19,6 +19,7 @@ The HTTP layer sees only `add_request`, `step`, `abort` and the outputs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import random
@@ -40,7 +41,8 @@ from jaxlm.serving import step as programs
 from jaxlm.serving.pages import NULL_PAGE, PagePool, page_keys
 from jaxlm.serving.params import RequestError, RequestOutput, SamplingParams, TokenLogprob
 from jaxlm.serving.step import SlotParams
-from jaxlm.sharding import model_mesh
+from jaxlm.runtime.forward import mesh_context
+from jaxlm.sharding import ACT, constrain, mesh_sizes, model_mesh
 
 _compiles = [0]
 # Every XLA compilation in the process, whatever triggered it: after `Engine.warmup` a
@@ -59,7 +61,7 @@ class EngineConfig:
     max_model_len: int | None = None       # prompt + max_tokens; default: the model's max_context
     page_size: int = 16
     num_pages: int | None = None           # default: what kv_cache_memory holds
-    kv_cache_memory: float = 1.0           # GiB for the KV pages when num_pages is not given
+    kv_cache_memory: float = 1.0           # GiB per device for the KV pages when num_pages is not given
     max_num_batched_tokens: int = 256      # decode tokens + prefill tokens per step
     kv_cache_dtype: str | None = None      # default: the model's cache dtype
 
@@ -108,6 +110,24 @@ class _Request:
         return self.to_prefill > 0
 
 
+def _serving_mesh(model):
+    """The model's mesh, when the engine can serve on it: data, fsdp and tensor axes (the
+    pool's kv heads split over tensor), not context, which splits one long sequence's
+    cache and is the single-request path (`model.generate`)."""
+    mesh = model_mesh(model)
+    if mesh is not None and mesh_sizes(mesh).get("context", 1) > 1:
+        raise JaxlmError(f"mesh: the serving engine does not split the cache over the context axis "
+                         f"({dict(mesh.shape)}); use data, fsdp and tensor axes, or model.generate for "
+                         f"one long sequence")
+    return mesh
+
+
+def _local_kv_heads(cfg, mesh) -> int:
+    """The kv heads of the pool one device holds (``kv_cache_memory`` is per device)."""
+    tensor = mesh_sizes(mesh).get("tensor", 1) if mesh is not None else 1
+    return cfg.num_key_value_heads // tensor if cfg.num_key_value_heads % tensor == 0 else cfg.num_key_value_heads
+
+
 def _buckets(limit: int, start: int = 1, factor: int = 2) -> list[int]:
     out, n = [], start
     while n < limit:
@@ -120,32 +140,31 @@ class Engine:
     def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig()):
         self.model, self.tokenizer, self.config = model, tokenizer, config
         cfg = model.config
-        mesh = model_mesh(model)
-        if mesh is not None and mesh.size > 1:
-            raise JaxlmError(f"mesh: the serving engine runs on one device for now; this model is placed on "
-                             f"{mesh.size} devices ({dict(mesh.shape)}): load it without a mesh")
+        self.mesh = _serving_mesh(model)
         self.max_model_len = config.max_model_len or model.max_context
         self.page_size = config.page_size
         self.pages_per_row = -(-self.max_model_len // self.page_size)
         self.cache_dtype = (check_cache_dtype(config.kv_cache_dtype) or model.options.kv_cache_dtype
                             or model.options.dtype)
-        per_page = kv_cache.bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
+        per_page = kv_cache.bytes_per_token(cfg.num_hidden_layers, _local_kv_heads(cfg, self.mesh), cfg.head_dim,
                                             self.cache_dtype) * self.page_size
         num_pages = config.num_pages or max(2, int(config.kv_cache_memory * 2**30 // per_page))
         self.pool = PagePool(num_pages, self.page_size)
         self.graphdef, self.state = nnx.split(model)
-        one = lambda: kv_cache.empty_pages(num_pages, self.page_size, cfg.num_key_value_heads, cfg.head_dim,
-                                           self.cache_dtype)
-        if model.options.scan_layers:
-            self.kv = jax.tree.map(lambda *x: jnp.stack(x), *[one() for _ in range(cfg.num_hidden_layers)])
-        else:
-            self.kv = [one() for _ in range(cfg.num_hidden_layers)]
         R, V = config.max_num_seqs, cfg.vocab_size
-        self.seen = jnp.zeros((R, V), bool)
-        # Committed from the start, as every step returns them: jit keys committed and
-        # uncommitted arguments apart, so otherwise each program would compile twice.
-        device = jax.devices()[0]
-        self.kv, self.seen = jax.device_put((self.kv, self.seen), device)
+        layers = cfg.num_hidden_layers
+        pool = functools.partial(kv_cache.empty_pages, num_pages, self.page_size, cfg.num_key_value_heads,
+                                 cfg.head_dim, self.cache_dtype)
+        # Built by a compiled call under the model's mesh, so the pool is born with its
+        # sharding (kv heads over the tensor axis) and committed, as every step returns it:
+        # jit keys committed and uncommitted arguments apart, so otherwise each program
+        # would compile twice.
+        with mesh_context(self.mesh):
+            if model.options.scan_layers:
+                self.kv = jax.jit(lambda: pool(layers=layers))()
+            else:
+                self.kv = [jax.jit(pool)() for _ in range(layers)]
+            self.seen = jax.jit(lambda: constrain(jnp.zeros((R, V), bool), ACT["replicated"]))()
         self.slots: list[_Request | None] = [None] * R
         self.waiting: deque[_Request] = deque()
         self.requests: dict[str, _Request] = {}
@@ -163,6 +182,10 @@ class Engine:
         """Compiles every program a request mix can need (each block-table width; each chunk
         length with each width that holds it), so that serving never compiles. Returns the
         number of programs run."""
+        with mesh_context(self.mesh):
+            return self._warmup()
+
+    def _warmup(self) -> int:
         R = self.config.max_num_seqs
         idle = [None] * R
         zeros = np.zeros(R, np.int32)
@@ -320,6 +343,10 @@ class Engine:
     # ---------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
         """One iteration: decode every running request, prefill under the token budget, report."""
+        with mesh_context(self.mesh):
+            return self._step()
+
+    def _step(self) -> list[RequestOutput]:
         decodes = self._schedule_decodes()
         chunks = self._schedule_prefills(self.config.max_num_batched_tokens - len(decodes))
         touched = {}

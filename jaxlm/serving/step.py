@@ -22,10 +22,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.nn.attention import AttentionMask
-from jaxlm.nn.kv_cache import PagedLayerCache
+from jaxlm.nn.kv_cache import PagedLayerCache, constrain_pages
 from jaxlm.runtime.sampling import repetition_penalty, top_k_filter, top_p_filter
 from jaxlm.serving.params import MAX_TOP_LOGPROBS
-from jaxlm.sharding import jit_with_rules
+from jaxlm.sharding import ACT, constrain, jit_with_rules
 
 COMPILES: dict[str, int] = {"decode": 0, "prefill": 0}
 
@@ -76,13 +76,17 @@ def _layer_caches(model, pages, block_table):
 
 
 def _pages_of(caches):
-    return caches.pages if isinstance(caches, PagedLayerCache) else [c.pages for c in caches]
+    """The updated pool, constrained to the sharding it came in with (so that the next step,
+    fed this output, hits the same compiled program)."""
+    if isinstance(caches, PagedLayerCache):
+        return constrain_pages(caches.pages, stacked=True)
+    return [constrain_pages(c.pages) for c in caches]
 
 
 @functools.partial(jax.jit, donate_argnums=0)
 def set_row(seen, slot, row):
     """``seen[slot] = row`` in place (a request taking a slot brings its tokens)."""
-    return jax.lax.dynamic_update_index_in_dim(seen, row, slot, 0)
+    return constrain(jax.lax.dynamic_update_index_in_dim(seen, row, slot, 0), ACT["replicated"])
 
 
 @jit_with_rules(static_argnames=("graphdef",), donate_argnames=("pages", "seen"))
@@ -98,7 +102,7 @@ def decode(graphdef, state, pages, seen, tokens, positions, block_table, rope_le
     hidden, caches = model.model(tokens[:, None], positions[:, None], mask, rope_len=rope_len,
                                  kv_caches=_layer_caches(model, pages, block_table), write_slot=positions)
     token, chosen, top_ids, top_values = sample(model.logits(hidden)[:, 0], seen, params)
-    seen = seen.at[jnp.arange(token.shape[0]), token].set(True)
+    seen = constrain(seen.at[jnp.arange(token.shape[0]), token].set(True), ACT["replicated"])
     return _pages_of(caches), seen, token, chosen, top_ids, top_values
 
 
