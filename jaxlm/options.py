@@ -18,6 +18,7 @@ REMAT_POLICIES = ("none", "full", "dots_saveable")
 CONTEXT_ATTENTION = ("allgather", "ring", "xla")   # prefill on a context axis: jaxlm.nn.context_parallel
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 KV_CACHE_DTYPES = ("float32", "bfloat16", "float16", "int8")
+QUANTIZE_MODES = ("int8", "int4")   # weight-only quantization of the decoder's matrices: jaxlm.nn.quant
 
 
 def as_dtype(value, what: str = "dtype", allowed=COMPUTE_DTYPES):
@@ -48,6 +49,8 @@ class ModelOptions:
     max_context: int | None = None       # longest prompt + new tokens generate accepts
     kv_cache_dtype: str | None = None    # None: the compute dtype; or KV_CACHE_DTYPES
     context_attention: str = "allgather"  # CONTEXT_ATTENTION
+    quantize: str | None = None          # None, or QUANTIZE_MODES (a quantized checkpoint sets it)
+    quantize_output: bool = False        # with quantize: the output head too (it stays float by default)
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", as_dtype(self.dtype, "dtype"))
@@ -57,8 +60,11 @@ class ModelOptions:
                               ("remat", REMAT_POLICIES)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if not isinstance(self.scan_layers, bool):
-            raise ConfigError(f"scan_layers must be True or False, got {self.scan_layers!r}")
+        for name in ("scan_layers", "quantize_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.quantize is not None and self.quantize not in QUANTIZE_MODES:
+            raise ConfigError(f"quantize must be one of {QUANTIZE_MODES} or None, got {self.quantize!r}")
         if self.max_context is not None and (isinstance(self.max_context, bool)
                                              or not isinstance(self.max_context, int) or self.max_context < 1):
             raise ConfigError(f"max_context must be a positive integer or None, got {self.max_context!r}")

@@ -62,11 +62,13 @@ def _group_of(name: str) -> str:
     return ".".join(parts[:3]) if parts[:2] == ["model", "layers"] else name
 
 
-def save_params(dst: str, named_arrays: Iterable[tuple[str, np.ndarray]], *, param_dtype: str) -> int:
+def save_params(dst: str, named_arrays: Iterable[tuple[str, np.ndarray]], *, param_dtype: str,
+                quantize: str | None = None, quantize_output: bool = False) -> int:
     """Writes ``DIR/params`` and the marker from a stream of ``(name, array)``.
 
     Consecutive tensors of one decoder layer are saved together; returns the
-    number of bytes written (uncompressed).
+    number of bytes written (uncompressed). ``quantize`` marks a quantized
+    checkpoint (`jaxlm.checkpoint.quant_layout`).
     """
     params_dir = os.path.join(dst, PARAMS)
     group, pending, total = None, {}, 0
@@ -85,9 +87,11 @@ def save_params(dst: str, named_arrays: Iterable[tuple[str, np.ndarray]], *, par
     flush()
     ocp.partial.finalize(params_dir)
     if is_main_process():
+        marker = {"format": "jaxlm", "version": FORMAT_VERSION, "param_dtype": param_dtype, "layout": "per-layer"}
+        if quantize is not None:
+            marker.update(quantize=quantize, quantize_output=bool(quantize_output))
         with open(os.path.join(dst, MARKER), "w", encoding="utf-8") as f:
-            json.dump({"format": "jaxlm", "version": FORMAT_VERSION, "param_dtype": param_dtype,
-                       "layout": "per-layer"}, f, indent=2)
+            json.dump(marker, f, indent=2)
             f.write("\n")
     return total
 

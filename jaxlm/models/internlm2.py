@@ -20,7 +20,7 @@ from flax import nnx
 from jaxlm.config import InternLM2Config
 from jaxlm.nn import kv_cache as kv_cache_lib
 from jaxlm.nn.attention import AttentionMask
-from jaxlm.nn.attention_plan import AttentionPlan, attend, plan_attention, resolve_impl
+from jaxlm.nn.attention_plan import AttentionPlan, attend_cache, plan_attention, resolve_impl
 from jaxlm.nn.embed import Embed
 from jaxlm.nn.linear import Projection
 from jaxlm.nn.mlp import SwiGLU
@@ -48,7 +48,8 @@ class InternLM2Attention(nnx.Module):
         E, H, K, G, D = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
                          cfg.q_per_kv, cfg.head_dim)
         self.group = G
-        kw = dict(init_std=cfg.initializer_range, dtype=opts.dtype, param_dtype=opts.param_dtype, rngs=rngs)
+        kw = dict(init_std=cfg.initializer_range, dtype=opts.dtype, param_dtype=opts.param_dtype,
+                  quantize=opts.quantize, rngs=rngs)
         # C indexes the slots of a kv group: queries 0..G-1, key G, value G+1.
         self.wqkv = Projection("BTE,KCDE->BTKCD", (K, G + 2, D, E), ("kv_heads", "qkv", "head_dim", "embed"),
                                bias=cfg.bias, **kw)
@@ -65,13 +66,13 @@ class InternLM2Attention(nnx.Module):
         v = qkv[:, :, :, G + 1]                                   # [B, T, K, D]
         q = constrain(q, ACT["queries"])
         B, T = x.shape[:2]
-        new_cache = None
+        new_cache, kv = None, kv_cache_lib.KVView(k, v)
         if kv_cache is not None:
-            # Write this call's keys/values, then attend to the cache: all of it
-            # when decoding, its first kv_len slots (up to this chunk) otherwise.
+            # Write this call's keys/values, then attend to the cache as stored (int8 and
+            # scales, or pages): all of it when decoding, its first kv_len slots otherwise.
             new_cache = kv_cache_lib.write(kv_cache, k, v, write_slot)
-            k, v = kv_cache_lib.read(new_cache, q.dtype, None if mask.decode else mask.kv_len)
-        out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, plan)   # [B, T, K, G, D]
+            kv = kv_cache_lib.read(new_cache, None if mask.decode else mask.kv_len)
+        out = attend_cache(q, kv, mask, plan)                    # [B, T, K, G, D]
         out = out.reshape(B, T, -1, out.shape[-1])               # [B, T, H, D], head = k*G + g
         return self.wo(out, k_wo), new_cache
 
@@ -83,7 +84,8 @@ class InternLM2DecoderLayer(nnx.Module):
         self.attention = InternLM2Attention(cfg, opts, rngs=rngs)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm_kw)
         self.feed_forward = SwiGLU(cfg.hidden_size, cfg.intermediate_size, init_std=cfg.initializer_range,
-                                   dtype=opts.dtype, param_dtype=opts.param_dtype, rngs=rngs)
+                                   dtype=opts.dtype, param_dtype=opts.param_dtype, quantize=opts.quantize,
+                                   rngs=rngs)
 
     def __call__(self, x, cos, sin, mask, plan, kv_cache=None, write_slot=None, dropout_key=None):
         k_att, k_mlp = (None, None) if dropout_key is None else jax.random.split(dropout_key)
@@ -158,6 +160,7 @@ class InternLM2Network(nnx.Module):
             self.output = Projection("BTE,VE->BTV", (config.vocab_size, config.hidden_size),
                                      ("vocab", "embed"), init_std=config.initializer_range,
                                      dtype=self.options.dtype, param_dtype=self.options.param_dtype,
+                                     quantize=self.options.quantize if self.options.quantize_output else None,
                                      rngs=rngs)
 
     def logits(self, hidden: jax.Array) -> jax.Array:

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlm.nn import quant
 from jaxlm.nn.params import logical_axes, logical_param, normal, zeros
 
 
@@ -57,16 +58,28 @@ class Projection(nnx.Module):
     contraction gemma-style (``"BTE,KCDE->BTKCD"``); it is not executed (see
     the module docstring) but checked against the kernel's shape here, so it
     cannot drift from the computation.
+
+    With ``quantize`` ("int8" or "int4") the kernel holds int values and
+    ``kernel_scale`` their scales (`jaxlm.nn.quant`), and the matmul
+    dequantizes inside the dot.
     """
+
+    kernel_scale = None  # set when quantized
 
     def __init__(self, spec: str, kernel_shape: Sequence[int], kernel_axes: Sequence[str], *,
                  in_dims: int = 1, bias: bool = False, init_std: float = 0.02,
-                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 dtype=jnp.float32, param_dtype=jnp.float32, quantize: str | None = None, rngs: nnx.Rngs):
         check_spec(spec, len(kernel_shape), in_dims)
+        quant.check_mode(quantize)
         self.spec = spec
         self.dtype = dtype
         self.in_dims = in_dims
+        self.quantize = quantize
         self.kernel = logical_param(rngs, normal(init_std), kernel_shape, kernel_axes, param_dtype)
+        if quantize is not None:  # a new model: initialized in float, then quantized
+            q, scale = quant.quantize(self.kernel[...], in_dims, quantize, jnp)
+            self.kernel = nnx.Param(q, logical_axes=tuple(kernel_axes))
+            self.kernel_scale = nnx.Param(scale, logical_axes=quant.scale_axes(kernel_axes, in_dims, quantize))
         out_shape, out_axes = tuple(kernel_shape[:-in_dims]), tuple(kernel_axes[:-in_dims])
         self.bias = logical_param(rngs, zeros, out_shape, out_axes, param_dtype) if bias else None
 
@@ -95,14 +108,25 @@ class Projection(nnx.Module):
         self.lora_scale = alpha / rank
         self.lora_dropout = dropout
 
+    def dequantized_kernel(self) -> jax.Array:
+        """The kernel in float32 (``q * scale`` when quantized); for merging and export, not the forward."""
+        if self.quantize is None:
+            return self.kernel[...].astype(jnp.float32)
+        return quant.dequantize(self.kernel[...], self.kernel_scale[...], self.in_dims, self.quantize, jnp)
+
     def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
-        kernel = self.kernel[...].astype(self.dtype)
+        kernel = self.kernel[...]
         n = self.in_dims
         out_shape, in_size = kernel.shape[:-n], math.prod(kernel.shape[-n:])
+        rows = math.prod(out_shape)
         lead = x.shape[: x.ndim - n]
         x2 = x.astype(self.dtype).reshape(math.prod(lead), in_size)
-        w2 = kernel.reshape(math.prod(out_shape), in_size)
-        y = jax.lax.dot_general(x2, w2, (((1,), (1,)), ((), ())))
+        if self.quantize is None:
+            y = jax.lax.dot_general(x2, kernel.astype(self.dtype).reshape(rows, in_size), (((1,), (1,)), ((), ())))
+        else:
+            y = quant.matmul(x2, kernel.reshape(rows, in_size), self.kernel_scale[...].reshape(rows, -1)
+                             if self.quantize == "int4" else self.kernel_scale[...].reshape(rows),
+                             self.quantize, self.dtype)
         if self.lora_a is not None:
             y = y + self._lora(x2, dropout_key).astype(y.dtype)
         y = y.reshape(lead + tuple(out_shape))

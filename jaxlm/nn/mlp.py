@@ -9,8 +9,8 @@ from jaxlm.nn.linear import Projection
 
 class SwiGLU(nnx.Module):
     def __init__(self, embed: int, hidden: int, *, init_std: float = 0.02,
-                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        kw = dict(init_std=init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                 dtype=jnp.float32, param_dtype=jnp.float32, quantize: str | None = None, rngs: nnx.Rngs):
+        kw = dict(init_std=init_std, dtype=dtype, param_dtype=param_dtype, quantize=quantize, rngs=rngs)
         self.w1 = Projection("BTE,ME->BTM", (hidden, embed), ("mlp", "embed"), **kw)  # gate
         self.w3 = Projection("BTE,ME->BTM", (hidden, embed), ("mlp", "embed"), **kw)  # up
         self.w2 = Projection("BTM,EM->BTE", (embed, hidden), ("embed", "mlp"), **kw)  # down
