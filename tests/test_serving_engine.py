@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -96,13 +98,19 @@ def test_preemption_recomputes_and_changes_nothing(model, tokenizer, prompts):
     assert all(r == 0 for r in tight.pool.refs)      # every page released
 
 
-def test_prefix_cache_reuses_pages_and_changes_nothing(engine, model, prompts):
+@pytest.mark.parametrize("enabled", [True, False])
+def test_prefix_cache_reuses_pages_and_changes_nothing(engine, model, tokenizer, prompts, enabled):
+    # Same shapes as the shared engine: the second engine compiles nothing new.
+    eng = engine if enabled else Engine(model, tokenizer, dataclasses.replace(CONFIG, enable_prefix_caching=False))
     system = prompts[3][:64]                     # a shared "system prompt" of 8 full pages
     first, second = system + [7, 8, 9], system + [11, 12]
-    hits = engine.pool.hits
-    a = run(engine, [(first, SamplingParams(max_tokens=6, **GREEDY))])[0]["tokens"]
-    b = run(engine, [(second, SamplingParams(max_tokens=6, **GREEDY))])[0]["tokens"]
-    assert engine.pool.hits - hits >= 8
+    hits, lookups = eng.pool.hits, eng.pool.lookups
+    a = run(eng, [(first, SamplingParams(max_tokens=6, **GREEDY))])[0]["tokens"]
+    b = run(eng, [(second, SamplingParams(max_tokens=6, **GREEDY))])[0]["tokens"]
+    if enabled:
+        assert eng.pool.hits - hits >= 8
+    else:
+        assert (eng.pool.hits, eng.pool.lookups) == (hits, lookups)
     assert a == generate_alone(model, first, 6) and b == generate_alone(model, second, 6)
 
 

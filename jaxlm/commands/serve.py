@@ -81,6 +81,8 @@ def build_parser(parser):
                         help="KV-cache pages (overrides --kv-cache-memory)")
     parser.add_argument("--max-num-batched-tokens", type=_positive_int, default=None,
                         help="decode + prefill tokens per step (default: max(256, 2 x --max-num-seqs))")
+    parser.add_argument("--enable-prefix-caching", default=True, action=argparse.BooleanOptionalAction,
+                        help="reuse the KV pages of prompt prefixes other requests computed (default on)")
     parser.add_argument("--kv-cache-dtype", default=None, help="KV-cache dtype, e.g. int8 (default: the compute dtype)")
     parser.add_argument("--quantize", default=None, choices=("int8", "int4"), help="weight quantization (not "
                                                                                    "available yet)")
@@ -149,7 +151,7 @@ def run(args) -> int:
         engine = Engine(model, tokenizer, EngineConfig(
             max_num_seqs=args.max_num_seqs, max_model_len=max_model_len, page_size=args.page_size,
             num_pages=args.num_pages, kv_cache_memory=args.kv_cache_memory, max_num_batched_tokens=batched,
-            kv_cache_dtype=args.kv_cache_dtype))
+            kv_cache_dtype=args.kv_cache_dtype, enable_prefix_caching=args.enable_prefix_caching))
         name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
         print(f"jaxlm serve: {name} loaded in {time.perf_counter() - t0:.1f}s; max_model_len {max_model_len}, "
               f"{engine.pool.num_pages - 1} KV pages of {engine.page_size} tokens; compiling...",

@@ -64,6 +64,7 @@ class EngineConfig:
     kv_cache_memory: float = 1.0           # GiB per device for the KV pages when num_pages is not given
     max_num_batched_tokens: int = 256      # decode tokens + prefill tokens per step
     kv_cache_dtype: str | None = None      # default: the model's cache dtype
+    enable_prefix_caching: bool = True     # reuse the pages of a prefix another request computed
 
     def __post_init__(self):
         for name in ("max_num_seqs", "page_size", "max_num_batched_tokens"):
@@ -306,10 +307,11 @@ class Engine:
         if not free:
             return False
         tokens = req.tokens
-        cacheable = (len(tokens) - 1) // self.page_size
-        keys = page_keys(tokens[:cacheable * self.page_size], self.page_size, self._root(req))
-        req.pages = self.pool.take_cached(keys)
-        req.keys = keys[:len(req.pages)]
+        if self.config.enable_prefix_caching:
+            cacheable = (len(tokens) - 1) // self.page_size
+            keys = page_keys(tokens[:cacheable * self.page_size], self.page_size, self._root(req))
+            req.pages = self.pool.take_cached(keys)
+            req.keys = keys[:len(req.pages)]
         req.computed = len(req.pages) * self.page_size
         req.slot = free[0]
         self.slots[req.slot] = req
@@ -419,7 +421,7 @@ class Engine:
 
     def _register_full_pages(self, req: _Request) -> None:
         full = min(req.computed, len(req.tokens)) // self.page_size
-        if full <= len(req.keys):
+        if full <= len(req.keys) or not self.config.enable_prefix_caching:
             return
         req.keys = page_keys(req.tokens[:full * self.page_size], self.page_size, self._root(req))
         for page, key in zip(req.pages, req.keys):
