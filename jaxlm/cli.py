@@ -23,6 +23,7 @@ COMMANDS = {
     "train": ("jaxlm.commands.train", "fine-tune (full or LoRA) from an experiment config; resumes"),
     "eval": ("jaxlm.commands.eval", "long-context evaluations: ppl, needle, passkey"),
     "serve": ("jaxlm.commands.serve", "OpenAI-compatible HTTP server: continuous batching, paged KV cache"),
+    "chat-web": ("jaxlm.commands.chat_web", "jaxlm serve, printing the URL of its chat page in the browser"),
 }
 
 

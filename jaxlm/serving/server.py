@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP server (FastAPI + uvicorn) over `jaxlm.serving.loop.AsyncEngine`.
 
 Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``,
-``POST /v1/chat/completions``, ``GET /metrics`` (Prometheus). Requests take
+``POST /v1/chat/completions``, ``GET /metrics`` (Prometheus). ``GET /`` is a chat
+page over the streamed chat endpoint (`jaxlm.serving.web`). Requests take
 OpenAI's fields plus vLLM's ``top_k``, ``repetition_penalty``, ``ignore_eos``,
 ``stop_token_ids`` and ``skip_special_tokens``; errors come in OpenAI's shape
 ``{"error": {"message", "type", "param", "code"}}``.
@@ -39,6 +40,7 @@ from jaxlm.errors import JaxlmError
 from jaxlm.serving.loop import AsyncEngine, EngineClosedError, EngineFailedError, QueueFullError, RequestStream
 from jaxlm.serving.metrics import ServerMetrics
 from jaxlm.serving.params import MAX_TOP_LOGPROBS, RequestError, SamplingParams
+from jaxlm.serving.web import add_chat_page
 
 log = logging.getLogger("jaxlm.serving")
 
@@ -646,6 +648,7 @@ def build_app(engine: AsyncEngine, tokenizer, *, model_name: str, max_model_len:
     async def prometheus():
         return Response(metrics.render(), media_type=metrics.content_type)
 
+    add_chat_page(app, model_name=model_name, max_model_len=state.max_model_len, api_key_required=api_key is not None)
     return app
 
 
