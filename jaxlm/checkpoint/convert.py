@@ -14,8 +14,9 @@ import os
 import numpy as np
 
 from jaxlm.checkpoint import hf_layout, jaxlm_format
-from jaxlm.checkpoint.hf_reader import SUPPORTED_DTYPES, HFCheckpoint
+from jaxlm.checkpoint.hf_reader import SUPPORTED_DTYPES
 from jaxlm.checkpoint.hf_writer import ShardedSafetensorsWriter
+from jaxlm.checkpoint.internevo import open_weights
 from jaxlm.checkpoint.loading import SIDECAR_FILES
 from jaxlm.config import InternLM2Config
 from jaxlm.errors import CheckpointError, JaxlmError
@@ -35,8 +36,8 @@ def hf_to_jaxlm(src: str, dst: str, *, dtype: str | None = None, overwrite: bool
     check_destination(dst, overwrite)
     if not os.path.isdir(src):
         raise CheckpointError(f"{src}: not a directory")
-    config = InternLM2Config.from_pretrained(src)
-    reader = HFCheckpoint(src, config)
+    reader = open_weights(src)  # an HF or InternEvo Origin directory
+    config = reader.config
     reader.validate()  # every problem is found before anything is written
     out_dtype = dtype or reader.checkpoint_dtype()
     with atomic_output_dir(dst, overwrite) as tmp:
@@ -69,31 +70,36 @@ def _check_jaxlm_source(src: str):
     return config, marker["param_dtype"], entries, total
 
 
-def iter_hf_tensors(src: str):
-    """(config, dtype name, total bytes, iterator of (hf name, array)) for an HF or jaxlm directory.
+def iter_hf_tensors(src: str, hf_config: str | None = None):
+    """(config, dtype name, total bytes, iterator of (hf name, array)) for an HF, Origin or jaxlm directory.
 
-    Streams one tensor at a time, in HF names and layout, whatever the source.
+    Streams one tensor at a time, in HF names and layout, whatever the source;
+    ``hf_config`` is a config.json for an Origin source (see `internevo.OriginCheckpoint`).
     """
-    if jaxlm_format.is_jaxlm_checkpoint(src):
+    if jaxlm_format.is_jaxlm_checkpoint(src) and hf_config is None:
         config, dtype, entries, total = _check_jaxlm_source(src)
         arrays = jaxlm_format.iter_arrays(src, [e.jaxlm_name for e in entries])
         stream = ((e.hf_name, e.rule.to_hf(a, config)) for e, (_, a) in zip(entries, arrays))
         return config, dtype, total, len(entries), stream
-    config = InternLM2Config.from_pretrained(src)
-    reader = HFCheckpoint(src, config)
+    reader = open_weights(src, hf_config)
+    config = reader.config
     entries = reader.validate()
     return (config, reader.checkpoint_dtype(), reader.total_bytes(), len(entries),
             ((e.hf_name, reader.read(e.hf_name)) for e in entries))
 
 
-def write_hf(src: str, dst: str, *, max_shard_size="5GB", overwrite=False, progress=None, transform=None) -> dict:
-    """Streams ``src`` (HF or jaxlm) into HF safetensors at ``dst``; ``transform(name, array)``
-    may rewrite each tensor (e.g. merging a LoRA adapter)."""
+def write_hf(src: str, dst: str, *, max_shard_size="5GB", overwrite=False, progress=None, transform=None,
+             hf_config: str | None = None, sidecar_dir: str | None = None) -> dict:
+    """Streams ``src`` (HF, Origin or jaxlm) into HF safetensors at ``dst``; ``transform(name, array)``
+    may rewrite each tensor (e.g. merging a LoRA adapter). Tokenizer and other sidecar files
+    come from ``sidecar_dir`` (default ``src``)."""
     from tqdm import tqdm  # plain text bars (tqdm.auto wants ipywidgets in notebooks)
 
     max_bytes = parse_size(max_shard_size, "--max-shard-size")
     check_destination(dst, overwrite)
-    config, dtype, total, count, stream = iter_hf_tensors(src)
+    if sidecar_dir is not None and not os.path.isdir(sidecar_dir):
+        raise CheckpointError(f"{sidecar_dir}: not a directory")
+    config, dtype, total, count, stream = iter_hf_tensors(src, hf_config)
     if progress is None:
         progress = total > (1 << 30)
     with atomic_output_dir(dst, overwrite) as tmp:
@@ -103,7 +109,7 @@ def write_hf(src: str, dst: str, *, max_shard_size="5GB", overwrite=False, progr
             writer.add(name, array if transform is None else transform(name, array))
         files = writer.finish()
         config.replace(extra={**config.extra, "torch_dtype": dtype}).to_json_file(os.path.join(tmp, "config.json"))
-        copied = copy_if_present(src, tmp, SIDECAR_FILES)
+        copied = copy_if_present(sidecar_dir or src, tmp, SIDECAR_FILES)
     return {"dst": dst, "bytes": writer.total_bytes, "files": files, "copied": copied}
 
 

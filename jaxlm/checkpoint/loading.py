@@ -19,7 +19,9 @@ from flax import nnx
 from tqdm import tqdm  # plain text bars (tqdm.auto wants ipywidgets in notebooks)
 
 from jaxlm.checkpoint import hf_layout, jaxlm_format
-from jaxlm.checkpoint.hf_reader import HFCheckpoint, is_hf_checkpoint
+from jaxlm.checkpoint.hf_reader import is_hf_checkpoint
+from jaxlm.checkpoint.hub import resolve_model_path
+from jaxlm.checkpoint.internevo import is_origin_checkpoint, open_weights
 from jaxlm.config import InternLM2Config
 from jaxlm.errors import CheckpointError
 from jaxlm.files import atomic_output_dir, copy_if_present, is_main_process
@@ -128,21 +130,25 @@ class _StateFiller:
                 raise CheckpointError(f"{source}: no value for parameter {key!r}")
 
 
-def load_pretrained(cls, path: str, options: ModelOptions | None = None, *, mesh=None):
-    """`InternLM2ForCausalLM.from_pretrained`: HF directory or jaxlm checkpoint."""
+def load_pretrained(cls, path: str, options: ModelOptions | None = None, *, mesh=None, revision=None):
+    """`InternLM2ForCausalLM.from_pretrained`: HF, Origin or jaxlm directory, or a hub id."""
+    path = resolve_model_path(path, revision)
     if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: not a directory (expected an HF or jaxlm checkpoint)")
-    config = InternLM2Config.from_pretrained(path)
+        raise CheckpointError(f"{path}: not a directory (expected an HF, InternEvo or jaxlm checkpoint, "
+                              f"or a hub id such as internlm/internlm2-chat-7b)")
     if jaxlm_format.is_jaxlm_checkpoint(path):
+        config = InternLM2Config.from_pretrained(path)
         stored_dtype = jaxlm_format.read_marker(path)["param_dtype"]
         reader = None
-    elif is_hf_checkpoint(path):
-        reader = HFCheckpoint(path, config)
+    elif is_hf_checkpoint(path) or is_origin_checkpoint(path):
+        reader = open_weights(path)
+        config = reader.config
         reader.validate()
         stored_dtype = reader.checkpoint_dtype()
     else:
         raise CheckpointError(f"{path}: neither an HF checkpoint (model.safetensors, pytorch_model.bin "
-                              f"or an index) nor a jaxlm checkpoint ({jaxlm_format.MARKER})")
+                              f"or an index), an InternEvo one (model_tp0_pp0.pt ...) nor a jaxlm "
+                              f"checkpoint ({jaxlm_format.MARKER})")
     options = ModelOptions.build(options).resolve(stored_dtype)
     model = nnx.eval_shape(lambda: cls(config, options, rngs=nnx.Rngs(0)))
     if mesh is not None:

@@ -24,13 +24,17 @@ class InternLM2ForCausalLM(InternLM2Network):
     """
 
     @classmethod
-    def from_pretrained(cls, path: str, options: ModelOptions | None = None, *, mesh=None, **option_overrides):
-        """Loads an HF InternLM2 directory or a jaxlm checkpoint, tensor by tensor.
+    def from_pretrained(cls, path: str, options: ModelOptions | None = None, *, mesh=None, revision=None,
+                        **option_overrides):
+        """Loads an HF InternLM2 directory, an InternEvo "Origin" directory or a jaxlm checkpoint,
+        tensor by tensor; a hub id (``internlm/internlm2-chat-7b``, ``modelscope:ORG/NAME``) that
+        is not a local path is fetched (at ``revision``) through the hub's cache first.
 
         ``param_dtype`` defaults to the stored dtype and ``dtype`` (compute) to
         ``param_dtype``; with ``mesh`` every tensor is placed with its sharding.
         """
-        return loading.load_pretrained(cls, path, ModelOptions.build(options, **option_overrides), mesh=mesh)
+        return loading.load_pretrained(cls, path, ModelOptions.build(options, **option_overrides), mesh=mesh,
+                                       revision=revision)
 
     def save_pretrained(self, dst: str, *, overwrite: bool = False, source_dir: str | None = None) -> str:
         """Writes a jaxlm checkpoint (Orbax) plus config.json to ``dst``."""
