@@ -22,10 +22,11 @@ def build_parser(parser=None):
 
 def run(args) -> int:
     quiet_runtime_logs()
+    from jaxlm.checkpoint.hub import resolve_model_path
     from jaxlm.checkpoint.convert import jaxlm_to_hf
 
     with user_errors():
-        info = jaxlm_to_hf(args.src, args.dst, max_shard_size=args.max_shard_size,
+        info = jaxlm_to_hf(resolve_model_path(args.src), args.dst, max_shard_size=args.max_shard_size,
                            overwrite=args.overwrite)
     print(f"wrote {info['dst']} ({info['bytes'] / 1e6:.1f} MB in {len(info['files'])} "
           f"safetensors file(s))")

@@ -27,12 +27,14 @@ def build_parser(parser=None):
 
 def run(args) -> int:
     quiet_runtime_logs()
+    from jaxlm.checkpoint.hub import resolve_model_path
     from jaxlm.checkpoint.convert import write_hf
     from jaxlm.train.lora import merged_tensor, read_adapter
 
     with user_errors():
         _, deltas = read_adapter(args.adapter)
-        info = write_hf(args.base, args.dst, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+        info = write_hf(resolve_model_path(args.base), args.dst, max_shard_size=args.max_shard_size,
+                        overwrite=args.overwrite,
                         transform=lambda name, w: merged_tensor(name, w, deltas))
     print(f"wrote {info['dst']} ({len(deltas)} adapted modules, {info['bytes'] / 1e6:.1f} MB)")
     return 0

@@ -19,6 +19,7 @@ import time
 
 import uvicorn
 
+from jaxlm.checkpoint.hub import resolve_model_path
 from jaxlm.cli_util import quiet_runtime_logs, user_errors
 from jaxlm.commands.common import add_model_args
 from jaxlm.config import InternLM2Config
@@ -134,6 +135,9 @@ def run(args) -> int:
         if args.quantize:
             raise JaxlmError(f"--quantize {args.quantize}: quantized inference is not available yet; serve the "
                              f"model unquantized (--dtype bfloat16, --kv-cache-dtype int8 to shrink the cache)")
+        if not os.path.exists(args.model):  # a hub id: served under that name, from its cached snapshot
+            args.served_model_name = args.served_model_name or args.model
+            args.model = resolve_model_path(args.model)
         if not os.path.isdir(args.model):
             raise JaxlmError(f"--model: {args.model} is not a directory")
         sock = _listen_socket(args.host, args.port)
