@@ -38,6 +38,7 @@ from jaxlm.serving.params import SamplingParams
 from jaxlm.serving.server import chat_messages, encode_chat, parse_reply
 
 from conftest import REPO, require_shared
+from live_server import LiveServer
 
 CASE = "tiny_chat_realvocab"
 MAX_MODEL_LEN = 256
@@ -47,58 +48,12 @@ ENGINE_ARGS = ["--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--p
                "--max-num-batched-tokens", "16", "--max-num-seqs", "4"]
 MAX_QUEUE = 2
 TIMEOUT = 60          # seconds, any one request
-STARTUP_TIMEOUT = 300
 
 
 # ------------------------------------------------------------------ servers
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, model_dir, log_path, cache_dir, *extra):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, PYTHONPATH=str(REPO), JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-        env.pop("XLA_FLAGS", None)   # one device, as a user's server
-        self.log_path = log_path
-        self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "jaxlm", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
-             "--port", str(self.port), "--log-level", "warning", *ENGINE_ARGS, *extra],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-
-    def logs(self) -> str:
-        self.log.flush()
-        with open(self.log_path) as f:
-            return f.read()
-
-    def wait_healthy(self, timeout=STARTUP_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"the server exited with {self.proc.returncode}:\n{self.logs()}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, OSError):
-                pass
-            time.sleep(0.25)
-        pytest.fail(f"no /health 200 within {timeout} s:\n{self.logs()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.log.close()
+def start_server(model_dir, log_path, cache_dir, *extra) -> LiveServer:
+    """`jaxlm serve` on ``model_dir`` with this file's tiny engine settings."""
+    return LiveServer(log_path, cache_dir, "--model", str(model_dir), "--log-level", "warning", *ENGINE_ARGS, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +68,8 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(golden_dir, cache_dir, tmp_path_factory):
-    srv = Server(golden_dir, tmp_path_factory.mktemp("logs") / "server.log", cache_dir,
-                 "--max-queue", str(MAX_QUEUE))
+    srv = start_server(golden_dir, tmp_path_factory.mktemp("logs") / "server.log", cache_dir,
+                       "--max-queue", str(MAX_QUEUE))
     try:
         srv.wait_healthy()
         srv.compiles_when_ready = metrics(srv)["jaxlm_compilations_total"]
@@ -501,7 +456,7 @@ def test_a_plugin_call_in_the_reply_becomes_tool_calls(tok):
 
 
 @pytest.mark.parametrize("args, needle, code", [
-    (["--quantize", "int8"], "quantized inference is not available yet", 1),
+    (["--quantize", "int3"], "--quantize", 2),
     (["--max-num-seqs", "0"], "--max-num-seqs", 2),
     (["--port", "http"], "--port", 2),
 ])
@@ -517,8 +472,8 @@ def test_bad_command_lines_are_one_line_errors(golden_dir, args, needle, code):
 
 def test_api_key_served_name_and_sigterm_with_an_open_stream(server, golden_dir, cache_dir, tmp_path):
     """A second server (from the first one's compilation cache): auth, the served name, then SIGTERM."""
-    srv = Server(golden_dir, tmp_path / "server2.log", cache_dir, "--api-key", "s3cret",
-                 "--served-model-name", "internlm2-test")
+    srv = start_server(golden_dir, tmp_path / "server2.log", cache_dir, "--api-key", "s3cret",
+                       "--served-model-name", "internlm2-test")
     try:
         srv.wait_healthy()
         assert get(srv, "/v1/models")[0] == 401
