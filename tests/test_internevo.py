@@ -260,6 +260,17 @@ def test_rotary_flags_and_stage_partition():
     assert [len(r) for r in stage_layers(32, 3)] == [10, 11, 11]
 
 
+def test_norm_head_rows_are_normalized(origin, tmp_path):
+    from jaxlm.checkpoint.internevo import OriginCheckpoint
+
+    src = copy_origin(origin, tmp_path)
+    values = read_origin_config(str(src / "model_config.pt"))
+    save_internevo_config(src / "model_config.pt", {**values, "norm_head": True})
+    plain = OriginCheckpoint(origin("tp2_pp2_fused")).read("output.weight")
+    normed = OriginCheckpoint(str(src)).read("output.weight")
+    np.testing.assert_allclose(normed, plain / np.linalg.norm(plain, axis=1, keepdims=True), rtol=1e-5)
+
+
 # ------------------------------------------------------------------ HF -> Origin
 def read_shards(path):
     return {name: torch.load(os.path.join(path, name), weights_only=True)
@@ -358,7 +369,14 @@ def break_norm_copies(d):
     return ["model_tp1_pp0.pt", "ffn_norm.weight", "differs"]
 
 
-BREAKS = [break_missing_shard, break_stage_hole, break_truncated, break_corrupt, break_corrupt_config,
+def break_fsdp_names(d):
+    for name in os.listdir(d):
+        if name.startswith("model_tp"):
+            os.rename(d / name, d / name.replace(".pt", "_dp0.pt"))
+    return ["FSDP-sharded InternEvo saves"]
+
+
+BREAKS = [break_fsdp_names, break_missing_shard, break_stage_hole, break_truncated, break_corrupt, break_corrupt_config,
           break_shape, break_norm_copies]
 
 

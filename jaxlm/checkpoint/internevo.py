@@ -44,8 +44,11 @@ _TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # first pickle of torch's pre-zip 
 _DEFAULT_MAX_POSITIONS = 32768  # the released InternLM2 models'; Origin configs rarely say
 
 
+_ANY_SHARD = re.compile(r"^model_(tp|wp)\d+_pp\d+(_dp\d+)?\.pt$")  # with FSDP's, to refuse those by name
+
+
 def is_origin_checkpoint(path: str) -> bool:
-    return os.path.isdir(path) and any(SHARD_FILE.match(f) for f in os.listdir(path))
+    return os.path.isdir(path) and any(_ANY_SHARD.match(f) for f in os.listdir(path))
 
 
 def open_weights(path: str, hf_config: str | None = None) -> HFCheckpoint:
@@ -168,7 +171,9 @@ def discover_shards(path: str) -> tuple[str, int, int]:
         if m:
             found.setdefault(m.group(1), set()).add((int(m.group(2)), int(m.group(3))))
     if not found:
-        raise CheckpointError(f"{path}: no InternEvo shards (model_tp{{t}}_pp{{p}}.pt or model_wp{{w}}_pp{{p}}.pt)")
+        fsdp = any(_ANY_SHARD.match(name) for name in os.listdir(path))
+        raise CheckpointError(f"{path}: " + ("FSDP-sharded InternEvo saves (model_tp*_pp*_dp*.pt) are not supported"
+                              if fsdp else "no InternEvo shards (model_tp{t}_pp{p}.pt or model_wp{w}_pp{p}.pt)"))
     if len(found) > 1:
         raise CheckpointError(f"{path}: holds both model_tp* and model_wp* shards; keep one save per directory")
     (mode, pairs), = found.items()
@@ -382,7 +387,7 @@ class OriginCheckpoint(HFCheckpoint):
 
     def _check_shards(self) -> None:
         want_shapes = shard_shapes(self.config, self.ranks, self.mode, self.embed_dim)
-        for name, entry in hf_layout.by_hf_name(self.config).items():
+        for name in hf_layout.by_hf_name(self.config):
             if name not in self._sources:
                 raise CheckpointError(f"{self.path}: no shard holds {name!r} (in Origin names "
                                       f"{name.removeprefix('model.')!r})")
