@@ -1,10 +1,9 @@
 """Hub ids as model sources, offline, from a cache laid out as huggingface_hub lays it out
 (``models--org--name/{blobs, snapshots/<commit>, refs/<branch or tag>}``)."""
 
-import contextlib
 import hashlib
-import io
 import os
+import sys
 import types
 
 import numpy as np
@@ -92,35 +91,25 @@ def test_uncached_offline_and_missing_clients_are_clear_errors(offline, monkeypa
         resolve_model_path(REPO_ID, revision="nope")
     with pytest.raises(JaxlmError, match="disagree"):
         resolve_model_path(f"{REPO_ID}@v1", revision="main")
-    monkeypatch.setitem(__import__("sys").modules, "modelscope", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "modelscope", None)  # as if not installed
     with pytest.raises(JaxlmError, match=r"needs the modelscope package: pip install 'jaxlm\[modelscope\]'"):
         resolve_model_path("modelscope:Shanghai_AI_Laboratory/internlm2-chat-7b")
-    monkeypatch.setitem(__import__("sys").modules, "huggingface_hub", None)
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)
     with pytest.raises(JaxlmError, match=r"needs huggingface_hub: pip install 'jaxlm\[hub\]'"):
         resolve_model_path("internlm/internlm2-chat-7b")
 
 
-def run_main(main, argv):
-    err = io.StringIO()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-        try:
-            code = main(argv)
-        except SystemExit as e:
-            code = e.code
-    return code, err.getvalue()
-
-
-def test_converter_src_and_serve_model_take_hub_ids(offline, tmp_path):
+def test_converter_src_and_serve_model_take_hub_ids(offline, tmp_path, capsys):
     from checkpoints_convert import hf_to_internevo, hf_to_jaxlm
     from jaxlm.cli import main as jaxlm_main
 
-    code, err = run_main(hf_to_jaxlm.main, ["--src", REPO_ID, "--dst", str(tmp_path / "j")])
-    assert code == 0, err
+    assert hf_to_jaxlm.main(["--src", REPO_ID, "--dst", str(tmp_path / "j")]) == 0
     assert (tmp_path / "j" / "config.json").read_text() and (tmp_path / "j" / "params").is_dir()
-    code, err = run_main(hf_to_internevo.main, ["--src", REPO_ID, "--dst", str(tmp_path / "o"), "--tp", "2"])
-    assert code == 0 and sorted(os.listdir(tmp_path / "o")) == ["model_config.pt", "model_tp0_pp0.pt",
-                                                                 "model_tp1_pp0.pt"], err
-    code, err = run_main(jaxlm_main, ["serve", "--model", "jaxlm-test/absent", "--port", "0"])
-    assert code == 1 and err.strip().splitlines() == [
+    assert hf_to_internevo.main(["--src", REPO_ID, "--dst", str(tmp_path / "o"), "--tp", "2"]) == 0
+    assert sorted(os.listdir(tmp_path / "o")) == ["model_config.pt", "model_tp0_pp0.pt", "model_tp1_pp0.pt"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        jaxlm_main(["serve", "--model", "jaxlm-test/absent", "--port", "0"])
+    assert exit_info.value.code == 1 and capsys.readouterr().err.strip().splitlines() == [
         "error: jaxlm-test/absent: not a local path, and not in the HuggingFace cache at revision main "
         "(HF_HUB_OFFLINE=1)"]

@@ -20,10 +20,10 @@ import ml_dtypes  # noqa: F401
 import numpy as np
 import pytest
 import torch
-from safetensors.numpy import load_file
 
 from conftest import REPO
 from jaxlm import InternLM2ForCausalLM
+from jaxlm.checkpoint.hf_reader import HFCheckpoint
 from jaxlm.checkpoint.internevo import is_interleaved, read_origin_config, stage_layers
 from reference_internlm2 import load_reference
 
@@ -47,13 +47,13 @@ def save_internevo_config(path, values):
             del sys.modules[n]
 
 
+def hf_arrays(hf_dir):
+    reader = HFCheckpoint(str(hf_dir))
+    return {name: reader.read(name) for name in reader.names()}
+
+
 def hf_state(hf_dir):
-    out = {}
-    for name in sorted(os.listdir(hf_dir)):
-        if name.endswith(".safetensors"):
-            out.update({k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in
-                        load_file(os.path.join(hf_dir, name)).items()})
-    return out
+    return {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in hf_arrays(hf_dir).items()}
 
 
 def to_interleaved(wqkv, cfg):
@@ -292,19 +292,11 @@ def test_hf_to_origin_to_hf_is_bit_exact(golden, tmp_path):
     result = run_cli("internevo_to_hf", "--src", tmp_path / "o", "--dst", tmp_path / "h",
                      "--tokenizer", src, "--max-shard-size", "12MB")
     assert result.returncode == 0, result.stderr
-    original, back = load_file_all(src), load_file_all(tmp_path / "h")
+    original, back = hf_arrays(src), hf_arrays(tmp_path / "h")
     assert sorted(original) == sorted(back)
     for name in original:
         assert original[name].dtype == back[name].dtype and original[name].tobytes() == back[name].tobytes(), name
     assert (tmp_path / "h" / "tokenizer.model").read_bytes() == (src / "tokenizer.model").read_bytes()
-
-
-def load_file_all(path):
-    out = {}
-    for name in sorted(os.listdir(path)):
-        if name.endswith(".safetensors"):
-            out.update(load_file(os.path.join(path, name)))
-    return out
 
 
 def test_bin_source_three_layers_on_two_stages(make_hf_checkpoint, tmp_path):
@@ -315,12 +307,8 @@ def test_bin_source_three_layers_on_two_stages(make_hf_checkpoint, tmp_path):
     shards = read_shards(tmp_path / "o")
     layers = lambda s: sorted({k.split(".")[1] for k in s if k.startswith("layers.")})
     assert layers(shards["model_tp0_pp0.pt"]) == ["0"] and layers(shards["model_tp0_pp1.pt"]) == ["0", "1"]
-    state = {}
-    for name in os.listdir(src):
-        if name.endswith(".bin"):
-            state.update(torch.load(os.path.join(src, name), weights_only=True))
-    assert torch.equal(shards["model_tp0_pp1.pt"]["layers.1.feed_forward.w2.weight"],
-                       state["model.layers.2.feed_forward.w2.weight"])
+    assert np.array_equal(shards["model_tp0_pp1.pt"]["layers.1.feed_forward.w2.weight"].numpy(),
+                          hf_arrays(src)["model.layers.2.feed_forward.w2.weight"])
 
 
 # ------------------------------------------------------------------ bad inputs
