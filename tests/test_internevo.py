@@ -284,8 +284,10 @@ def test_hf_to_origin_to_hf_is_bit_exact(golden, tmp_path):
     assert sorted(os.listdir(tmp_path / "o")) == sorted(
         [f"model_tp{t}_pp{p}.pt" for t in range(2) for p in range(2)] + ["model_config.pt"])
     shards = read_shards(tmp_path / "o")
-    assert "tok_embeddings.weight" in shards["model_tp1_pp0.pt"] and "norm.weight" not in shards["model_tp1_pp0.pt"]
-    assert {"norm.weight", "output.weight", "layers.0.attention.wqkv.weight"} <= set(shards["model_tp0_pp1.pt"])
+    first, last = shards["model_tp1_pp0.pt"], shards["model_tp0_pp1.pt"]
+    assert "model.tok_embeddings.weight" in first and "model.norm.weight" not in first
+    assert {"model.norm.weight", "model.output.weight", "model.layers.0.attention.wqkv.weight"} <= set(last)
+    assert "model.tok_embeddings.weight" not in last and first["model.tok_embeddings.weight"].shape == (92544, 32)
     assert all(t.dtype == torch.bfloat16 for s in shards.values() for t in s.values())
     config = torch.load(tmp_path / "o" / "model_config.pt", weights_only=True)
     assert type(config) is dict and config["qk_interleaved"] is False and config["embed_split_hidden"] is True
@@ -305,9 +307,9 @@ def test_bin_source_three_layers_on_two_stages(make_hf_checkpoint, tmp_path):
     src = make_hf_checkpoint(fmt="bin", num_hidden_layers=3, max_shard_bytes=100_000)
     write_origin(src, str(tmp_path / "o"), tp=1, pp=2)
     shards = read_shards(tmp_path / "o")
-    layers = lambda s: sorted({k.split(".")[1] for k in s if k.startswith("layers.")})
+    layers = lambda s: sorted({k.split(".")[2] for k in s if k.startswith("model.layers.")})
     assert layers(shards["model_tp0_pp0.pt"]) == ["0"] and layers(shards["model_tp0_pp1.pt"]) == ["0", "1"]
-    assert np.array_equal(shards["model_tp0_pp1.pt"]["layers.1.feed_forward.w2.weight"].numpy(),
+    assert np.array_equal(shards["model_tp0_pp1.pt"]["model.layers.1.feed_forward.w2.weight"].numpy(),
                           hf_arrays(src)["model.layers.2.feed_forward.w2.weight"])
 
 

@@ -465,13 +465,17 @@ def stage_layers(num_layers: int, stages: int) -> list[range]:
 
 
 def _origin_key(entry: hf_layout.Entry, local_layer: int | None) -> tuple[str, str]:
-    """(key in the rank's state dict, Origin suffix) of an HF entry."""
+    """(key in the rank's state dict, Origin suffix) of an HF entry.
+
+    Keys carry ``model.``: InternEvo saves and loads the state dict of its NaiveAMPModel
+    wrapper, whose ``model`` attribute is the network.
+    """
     name = entry.hf_name
     if entry.layer is None:
         key = name.removeprefix("model.")
-        return key, "embedding" if key in _EMBEDDING_KEYS else key
+        return f"model.{key}", "embedding" if key in _EMBEDDING_KEYS else key
     suffix = name.split(".", 3)[3]
-    return f"layers.{local_layer}.{suffix}", suffix
+    return f"model.layers.{local_layer}.{suffix}", suffix
 
 
 def _mlp_ratio(c: InternLM2Config) -> tuple[float, int]:
