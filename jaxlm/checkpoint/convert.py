@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from jaxlm.checkpoint import hf_layout, jaxlm_format
+from jaxlm.checkpoint import hf_layout, jaxlm_format, quant_layout
 from jaxlm.checkpoint.hf_reader import SUPPORTED_DTYPES
 from jaxlm.checkpoint.hf_writer import ShardedSafetensorsWriter
 from jaxlm.checkpoint.internevo import open_weights
@@ -56,18 +56,18 @@ def _check_jaxlm_source(src: str):
     marker = jaxlm_format.read_marker(src)
     stored = jaxlm_format.stored_arrays(src)
     entries = hf_layout.entries(config)
-    for entry in entries:
-        name = entry.jaxlm_name
+    expected = quant_layout.expected(config, *quant_layout.marker_mode(marker))
+    for name, (want, stored_as) in expected.items():
         if name not in stored:
             raise CheckpointError(f"{src}: missing parameter {name!r}")
         shape, dtype = stored[name]
-        if shape != entry.rule.jaxlm_shape(config):
+        if shape != want:
             raise CheckpointError(f"{src}: parameter {name!r} has shape {shape}, but the config "
-                                  f"implies {entry.rule.jaxlm_shape(config)}")
-        if dtype.name not in SUPPORTED_DTYPES:
+                                  f"implies {want}")
+        if dtype.name not in SUPPORTED_DTYPES and dtype.name != stored_as:
             raise CheckpointError(f"{src}: parameter {name!r} has unsupported dtype {dtype}")
     total = sum(int(np.prod(s)) * d.itemsize for s, d in stored.values())
-    return config, marker["param_dtype"], entries, total
+    return config, marker, entries, total
 
 
 def iter_hf_tensors(src: str, hf_config: str | None = None):
@@ -77,10 +77,10 @@ def iter_hf_tensors(src: str, hf_config: str | None = None):
     ``hf_config`` is a config.json for an Origin source (see `internevo.OriginCheckpoint`).
     """
     if jaxlm_format.is_jaxlm_checkpoint(src) and hf_config is None:
-        config, dtype, entries, total = _check_jaxlm_source(src)
-        arrays = jaxlm_format.iter_arrays(src, [e.jaxlm_name for e in entries])
+        config, marker, entries, total = _check_jaxlm_source(src)
+        arrays = quant_layout.iter_dequantized(src, config, marker)   # a quantized source leaves dequantized
         stream = ((e.hf_name, e.rule.to_hf(a, config)) for e, (_, a) in zip(entries, arrays))
-        return config, dtype, total, len(entries), stream
+        return config, marker["param_dtype"], total, len(entries), stream
     reader = open_weights(src, hf_config)
     config = reader.config
     entries = reader.validate()

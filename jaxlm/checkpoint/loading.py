@@ -9,6 +9,7 @@ parameter is ever held twice on device.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -18,13 +19,14 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm  # plain text bars (tqdm.auto wants ipywidgets in notebooks)
 
-from jaxlm.checkpoint import hf_layout, jaxlm_format
+from jaxlm.checkpoint import hf_layout, jaxlm_format, quant_layout
 from jaxlm.checkpoint.hf_reader import is_hf_checkpoint
 from jaxlm.checkpoint.hub import resolve_model_path
 from jaxlm.checkpoint.internevo import is_origin_checkpoint, open_weights
 from jaxlm.config import InternLM2Config
 from jaxlm.errors import CheckpointError
 from jaxlm.files import atomic_output_dir, copy_if_present, is_main_process
+from jaxlm.nn import quant
 from jaxlm.nn.params import logical_axes
 from jaxlm.options import ModelOptions
 from jaxlm.runtime.config import GenerationDefaults
@@ -95,8 +97,32 @@ class _StateFiller:
             self.mesh, jax.sharding.PartitionSpec(*full.spec[1:]))
         return key, tuple(abstract.shape[1:]), abstract.dtype, sharding
 
+    def quantized(self, name: str):
+        """(mode, in_dims) when the model holds ``name`` quantized, else None."""
+        layer, stacked_name = _layer_split(name)
+        key = stacked_name if self.scanned and layer is not None else name
+        scale = self.vars.get(quant_layout.scale_name(key))
+        if scale is None:
+            return None
+        kernel = self.vars[key].get_value()
+        mode = next(m for m, d in quant.STORAGE.items() if d == kernel.dtype)
+        return mode, kernel.ndim - scale.get_value().ndim + (mode == "int4")
+
     def put_from(self, name: str, read_slice) -> None:
-        """Builds tensor ``name`` from ``read_slice(index) -> np.ndarray`` (jaxlm layout)."""
+        """Builds tensor ``name`` from ``read_slice(index) -> np.ndarray`` (jaxlm layout).
+
+        A tensor the model holds quantized is read whole (a row's scale needs
+        all of it), quantized on the host, and placed as int values + scales.
+        """
+        quantized = self.quantized(name)
+        if quantized is None:
+            return self._put_sliced(name, read_slice)
+        shape = self.target(name)[1]
+        q, scale = quant.quantize(read_slice(tuple(slice(0, n) for n in shape)), quantized[1], quantized[0])
+        self._put_sliced(name, lambda index: q[index])
+        self._put_sliced(quant_layout.scale_name(name), lambda index: scale[index])
+
+    def _put_sliced(self, name: str, read_slice) -> None:
         _, shape, dtype, sharding = self.target(name)
         np_dtype = np.dtype(dtype)
         cache = {}  # replicated shards ask for the same slice once per device
@@ -136,9 +162,13 @@ def load_pretrained(cls, path: str, options: ModelOptions | None = None, *, mesh
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a directory (expected an HF, InternEvo or jaxlm checkpoint, "
                               f"or a hub id such as internlm/internlm2-chat-7b)")
+    stored_quant = {}
     if jaxlm_format.is_jaxlm_checkpoint(path):
         config = InternLM2Config.from_pretrained(path)
-        stored_dtype = jaxlm_format.read_marker(path)["param_dtype"]
+        marker = jaxlm_format.read_marker(path)
+        stored_dtype = marker["param_dtype"]
+        if marker.get("quantize") is not None:
+            stored_quant = {"quantize": marker["quantize"], "quantize_output": bool(marker.get("quantize_output"))}
         reader = None
     elif is_hf_checkpoint(path) or is_origin_checkpoint(path):
         reader = open_weights(path)
@@ -149,7 +179,7 @@ def load_pretrained(cls, path: str, options: ModelOptions | None = None, *, mesh
         raise CheckpointError(f"{path}: neither an HF checkpoint (model.safetensors, pytorch_model.bin "
                               f"or an index), an InternEvo one (model_tp0_pp0.pt ...) nor a jaxlm "
                               f"checkpoint ({jaxlm_format.MARKER})")
-    options = ModelOptions.build(options).resolve(stored_dtype)
+    options = _with_stored_quantization(ModelOptions.build(options), stored_quant, path).resolve(stored_dtype)
     model = nnx.eval_shape(lambda: cls(config, options, rngs=nnx.Rngs(0)))
     if mesh is not None:
         check_mesh_for_model(mesh, config)
@@ -160,19 +190,32 @@ def load_pretrained(cls, path: str, options: ModelOptions | None = None, *, mesh
                           unit="tensor", disable=reader.total_bytes() <= (1 << 30)):
             filler.put_from(entry.jaxlm_name, functools.partial(reader.read_jaxlm, entry))
     else:
-        _fill_from_jaxlm(path, config, filler)
+        _fill_from_jaxlm(path, config, filler, stored_quant)
     filler.check_complete(path)
     model.generation_config = GenerationDefaults.load(path, config)
     return model
 
 
-def _fill_from_jaxlm(path: str, config: InternLM2Config, filler: _StateFiller) -> None:
+def _with_stored_quantization(options: ModelOptions, stored: dict, path: str) -> ModelOptions:
+    """A quantized checkpoint loads quantized; asking for another mode is an error, not a re-quantization."""
+    if not stored:
+        return options
+    for name, value in stored.items():
+        if getattr(options, name) not in (value, None, False):
+            raise CheckpointError(f"{path}: the checkpoint is quantized with {name}={value!r}; "
+                                  f"{name}={getattr(options, name)!r} was asked for (load the float checkpoint "
+                                  f"to quantize it differently)")
+    return dataclasses.replace(options, **stored)
+
+
+def _fill_from_jaxlm(path: str, config: InternLM2Config, filler: _StateFiller, stored_quant: dict) -> None:
     stored = jaxlm_format.stored_arrays(path)
-    expected = hf_layout.by_jaxlm_name(config)
-    for name, entry in expected.items():
+    expected = quant_layout.expected(config, stored_quant.get("quantize"), stored_quant.get("quantize_output", False))
+    for name, (want, dtype) in expected.items():
         if name not in stored:
             raise CheckpointError(f"{path}: missing parameter {name!r}")
-        want = entry.rule.jaxlm_shape(config)
+        if dtype is not None and stored[name][1].name != dtype:
+            raise CheckpointError(f"{path}: parameter {name!r} is stored as {stored[name][1]}, expected {dtype}")
         if stored[name][0] != want:
             raise CheckpointError(f"{path}: parameter {name!r} has shape {stored[name][0]}, "
                                   f"but the config implies {want}")
@@ -185,12 +228,19 @@ def _fill_from_jaxlm(path: str, config: InternLM2Config, filler: _StateFiller) -
         layer, _ = _layer_split(name)
         groups.setdefault("top" if layer is None else str(layer), []).append(name)
     for names in groups.values():
-        targets = {}
+        targets, on_host = {}, []
         for name in names:
             _, shape, dtype, sharding = filler.target(name)
-            targets[name] = jax.ShapeDtypeStruct(shape, stored[name][1], sharding=sharding)
+            if filler.quantized(name) and not stored_quant:   # a float kernel, quantized as it is read
+                targets[name] = np.empty(*stored[name])
+                on_host.append(name)
+            else:
+                targets[name] = jax.ShapeDtypeStruct(shape, stored[name][1], sharding=sharding)
         for name, array in jaxlm_format.load_arrays(path, targets, stored=stored).items():
-            filler.put(name, array)
+            if name in on_host:
+                filler.put_from(name, lambda index, a=array: a[index])
+            else:
+                filler.put(name, array)
 
 
 def iter_canonical(model) -> "Iterator[tuple[str, jax.Array]]":
@@ -200,8 +250,7 @@ def iter_canonical(model) -> "Iterator[tuple[str, jax.Array]]":
     """
     vars_ = _variables(nnx.state(model, nnx.Param))
     scanned = model.options.scan_layers
-    for entry in hf_layout.entries(model.config):
-        name = entry.jaxlm_name
+    for name in quant_layout.expected(model.config, model.options.quantize, model.options.quantize_output):
         layer, stacked_name = _layer_split(name)
         if scanned and layer is not None:
             value = vars_[stacked_name].get_value()[layer]
@@ -214,7 +263,8 @@ def save_pretrained(model, dst: str, *, overwrite: bool = False, source_dir: str
     """Writes a jaxlm checkpoint directory (streaming, one layer at a time)."""
     with atomic_output_dir(dst, overwrite) as tmp:
         dtype = jnp.dtype(model.options.param_dtype).name
-        jaxlm_format.save_params(tmp, iter_canonical(model), param_dtype=dtype)
+        jaxlm_format.save_params(tmp, iter_canonical(model), param_dtype=dtype, quantize=model.options.quantize,
+                                 quantize_output=model.options.quantize_output)
         if is_main_process():
             config = model.config.replace(extra={**model.config.extra, "torch_dtype": dtype})
             config.to_json_file(os.path.join(tmp, "config.json"))

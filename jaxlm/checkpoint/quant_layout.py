@@ -14,7 +14,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from jaxlm.checkpoint import hf_layout
+from jaxlm.checkpoint import hf_layout, jaxlm_format
+from jaxlm.checkpoint.hf_reader import SUPPORTED_DTYPES
 from jaxlm.config import InternLM2Config
 from jaxlm.nn import quant
 
@@ -68,3 +69,34 @@ def quantize_stream(config: InternLM2Config, named: Iterable[tuple[str, np.ndarr
             yield scale_name(name), scale
         else:
             yield name, array
+
+
+
+def marker_mode(marker: dict) -> tuple[str | None, bool]:
+    """(mode, quantize_output) recorded in a jaxlm checkpoint's marker (None for a float one)."""
+    return marker.get("quantize"), bool(marker.get("quantize_output"))
+
+
+def iter_dequantized(path: str, config: InternLM2Config, marker: dict) -> Iterator[tuple[str, np.ndarray]]:
+    """``(name, float array)`` of every tensor of a jaxlm checkpoint in `hf_layout` order, quantized
+    ones dequantized to the checkpoint's float dtype (export and LoRA merging write full precision)."""
+    mode, quantize_output = marker_mode(marker)
+    entries = hf_layout.entries(config)
+    if mode is None:
+        yield from jaxlm_format.iter_arrays(path, [e.jaxlm_name for e in entries])
+        return
+    stored = jaxlm_format.stored_arrays(path)
+    dtype = hf_layout_dtype(marker)
+    for entry in entries:
+        name = entry.jaxlm_name
+        if not is_quantized(name, quantize_output):
+            yield name, jaxlm_format.load_arrays(path, {name: np.empty(*stored[name])}, stored=stored)[name]
+            continue
+        pair = jaxlm_format.load_arrays(path, {n: np.empty(*stored[n]) for n in (name, scale_name(name))},
+                                        stored=stored)
+        yield name, quant.dequantize(pair[name], pair[scale_name(name)], in_dims(entry, config), mode,
+                                     dtype=dtype)
+
+
+def hf_layout_dtype(marker: dict) -> np.dtype:
+    return np.dtype(SUPPORTED_DTYPES[marker["param_dtype"]])

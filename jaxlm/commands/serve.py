@@ -25,6 +25,7 @@ from jaxlm.commands.common import add_model_args
 from jaxlm.config import InternLM2Config
 from jaxlm.errors import JaxlmError
 from jaxlm.models.causal_lm import InternLM2ForCausalLM
+from jaxlm.options import QUANTIZE_MODES
 from jaxlm.runtime.generate import max_context
 from jaxlm.serving.engine import Engine, EngineConfig
 from jaxlm.serving.loop import AsyncEngine
@@ -85,8 +86,9 @@ def build_parser(parser):
     parser.add_argument("--enable-prefix-caching", default=True, action=argparse.BooleanOptionalAction,
                         help="reuse the KV pages of prompt prefixes other requests computed (default on)")
     parser.add_argument("--kv-cache-dtype", default=None, help="KV-cache dtype, e.g. int8 (default: the compute dtype)")
-    parser.add_argument("--quantize", default=None, choices=("int8", "int4"), help="weight quantization (not "
-                                                                                   "available yet)")
+    parser.add_argument("--quantize", default=None, choices=QUANTIZE_MODES,
+                        help="weight-only quantization of the decoder's matrices as they load (a quantized "
+                             "checkpoint is served quantized without it)")
     parser.add_argument("--mesh", default=None, help="device mesh over data, fsdp and tensor, e.g. 'tensor=4' "
                                                      "(the KV pages split their kv heads over tensor)")
     parser.add_argument("--api-key", default=os.environ.get("JAXLM_API_KEY"),
@@ -132,9 +134,6 @@ class _Server(uvicorn.Server):
 def run(args) -> int:
     quiet_runtime_logs()
     with user_errors():
-        if args.quantize:
-            raise JaxlmError(f"--quantize {args.quantize}: quantized inference is not available yet; serve the "
-                             f"model unquantized (--dtype bfloat16, --kv-cache-dtype int8 to shrink the cache)")
         if not os.path.exists(args.model):  # a hub id: served under that name, from its cached snapshot
             args.served_model_name = args.served_model_name or args.model
             args.model = resolve_model_path(args.model)
@@ -148,7 +147,7 @@ def run(args) -> int:
         t0 = time.perf_counter()
         tokenizer = InternLM2Tokenizer.from_pretrained(args.tokenizer or args.model)
         model = InternLM2ForCausalLM.from_pretrained(
-            args.model, dtype=args.dtype, scan_layers=args.scan_layers, mesh=mesh,
+            args.model, dtype=args.dtype, scan_layers=args.scan_layers, mesh=mesh, quantize=args.quantize,
             max_context=max_model_len if max_model_len > default_context else None)
         assert max_context(model) >= max_model_len
         batched = args.max_num_batched_tokens or max(256, 2 * args.max_num_seqs)

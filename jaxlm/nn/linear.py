@@ -114,6 +114,14 @@ class Projection(nnx.Module):
             return self.kernel[...].astype(jnp.float32)
         return quant.dequantize(self.kernel[...], self.kernel_scale[...], self.in_dims, self.quantize, jnp)
 
+    def dequantize_(self, dtype) -> None:
+        """Replaces int values + scales by the float kernel ``q * scale`` in ``dtype`` (in place)."""
+        if self.quantize is None:
+            return
+        self.kernel.set_value(self.dequantized_kernel().astype(dtype))
+        self.kernel_scale = None
+        self.quantize = None
+
     def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
         kernel = self.kernel[...]
         n = self.in_dims

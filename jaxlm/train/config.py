@@ -78,6 +78,9 @@ class TrainConfig:
         need(self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
         need(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
         need(self.optimizer.learning_rate > 0, "optimizer.learning_rate must be > 0")
+        need(self.model.quantize is None or self.lora.enabled,
+             f"model.quantize={self.model.quantize!r}: a quantized base trains only through LoRA adapters "
+             f"(QLoRA); set lora.enabled=true, or train the float model")
         if self.lora.enabled:
             self.lora.validate()
         return self

@@ -61,6 +61,13 @@ def target_projections(model):
                       "w2": block.feed_forward.w2, "w3": block.feed_forward.w3}
 
 
+def quantized_projections(model):
+    """Every quantized projection of the model (the layers' matrices, and the head when quantized)."""
+    out = [p for _, projections in target_projections(model) for p in projections.values() if p.quantize]
+    head = getattr(model, "output", None)
+    return out + ([head] if head is not None and head.quantize else [])
+
+
 def apply_lora(model, cfg: LoRAConfig, seed: int = 0) -> None:
     """Adds LoRA factors to the target projections (in place)."""
     cfg.validate()

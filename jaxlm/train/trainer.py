@@ -39,7 +39,7 @@ from jaxlm.sharding import ACT, batch_multiple, check_mesh_for_model, make_mesh,
 from jaxlm.tokenizer import InternLM2Tokenizer
 from jaxlm.train.config import TrainConfig
 from jaxlm.train.data import DataReport, DataState, PackedBatches, load_examples
-from jaxlm.train.lora import apply_lora, save_adapter, target_projections, trainable_filter
+from jaxlm.train.lora import apply_lora, quantized_projections, save_adapter, target_projections, trainable_filter
 from jaxlm.train.metrics import MetricsWriter, flops_per_token, peak_flops_per_device
 from jaxlm.train.step import batch_loss_sum, make_optimizer, schedule, train_step
 
@@ -367,7 +367,16 @@ def export_final(model, cfg: TrainConfig, workdir: str, tokenizer) -> str:
 
 
 def merge_lora_in_place(model):
-    """Folds every adapter into its weight (``W + scale * B @ A``) and drops the factors."""
+    """Folds every adapter into its weight (``W + scale * B @ A``) and drops the factors.
+
+    A quantized base (QLoRA) is dequantized first: the merged model is full precision
+    (``param_dtype``), since the merged delta is not representable in the base's int grid.
+    """
+    if model.options.quantize is not None:
+        for proj in quantized_projections(model):
+            proj.dequantize_(model.options.param_dtype)
+        model.options = model.model.options = dataclasses.replace(model.options, quantize=None,
+                                                                  quantize_output=False)
     for _, projections in target_projections(model):
         for proj in projections.values():
             if proj.lora_a is None:
