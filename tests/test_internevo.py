@@ -241,6 +241,28 @@ def test_origin_source_for_hf_to_jaxlm(origin, sources, tmp_path):
     assert np.abs(got - want).max() < 1e-4
 
 
+def test_sharded_load_reads_slices_of_the_joined_tensors(origin, sources, monkeypatch):
+    """On a (data=2, fsdp=2, tensor=2) mesh each device asks the Origin reader for its own
+    slices; each tensor is still joined from its shards once."""
+    import jax
+
+    from jaxlm.checkpoint.internevo import OriginCheckpoint
+    from jaxlm.sharding import make_mesh
+
+    joins, join = [], OriginCheckpoint._join
+    monkeypatch.setattr(OriginCheckpoint, "_join", lambda self, name: joins.append(name) or join(self, name))
+
+    if len(jax.devices()) != 8:
+        pytest.fail("needs the 8 simulated CPU devices tests/conftest.py asks for")
+    ids, mask, positions, want = expected_logits(sources, "wp2_split_qkv_interleaved")
+    model = InternLM2ForCausalLM.from_pretrained(origin("wp2_split_qkv_interleaved"),
+                                                 mesh=make_mesh(dict(data=2, fsdp=2, tensor=2, context=1)))
+    assert model.model.layers[0].attention.wqkv.kernel.get_value().sharding.spec[0] == "tensor"
+    assert len(joins) == len(set(joins)) == 3 + 7 * 2  # embedding, final norm, output; 7 per layer
+    got = np.asarray(model(ids, attention_mask=mask, position_ids=positions))
+    assert np.abs(got - want).max() < 1e-4
+
+
 def test_config_pt_is_read_without_internevo_and_only_plain_values(origin, tmp_path):
     values = read_origin_config(os.path.join(origin("tp2_pp2_fused"), "model_config.pt"))
     assert type(values) is dict and type(values["parallel"]) is dict and values["dtype"] is torch.float32

@@ -288,6 +288,7 @@ class OriginCheckpoint(HFCheckpoint):
         self.path = path
         self.mode, self.ranks, self.stages = discover_shards(path)
         self._files: dict[tuple[int, int], _TorchBinFile] = {}
+        self._last: tuple[str | None, np.ndarray | None] = (None, None)
         if hf_config is None and os.path.isfile(os.path.join(path, HF_CONFIG_FILE)):
             hf_config = os.path.join(path, HF_CONFIG_FILE)
         config_pt = os.path.join(path, CONFIG_FILE)
@@ -435,6 +436,12 @@ class OriginCheckpoint(HFCheckpoint):
                    for r in range(self.ranks) for s in range(self.stages))
 
     def read(self, name: str, index=None) -> np.ndarray:
+        if self._last[0] != name:  # sharded loading asks for several slices of one tensor in a row
+            self._last = (name, self._join(name))
+        full = self._last[1]
+        return full if index is None else np.ascontiguousarray(full[index])
+
+    def _join(self, name: str) -> np.ndarray:
         suffix, stage, keys = self._sources[name]
         dim = self.dims[suffix]
         ranks = [0] if dim is None else range(self.ranks)
@@ -447,7 +454,7 @@ class OriginCheckpoint(HFCheckpoint):
             rows = full.astype(np.float32)
             rows /= np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
             full = rows.astype(full.dtype)
-        return full if index is None else np.ascontiguousarray(full[index])
+        return full
 
 
 # ------------------------------------------------------------------ writing
