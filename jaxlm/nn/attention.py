@@ -11,6 +11,11 @@ stays O(block x S), never O(T x S).
 
 This module holds the XLA cores; which implementation runs for a given mask
 and mesh is decided in one place, `jaxlm.nn.attention_plan`.
+
+An int8 cache is read as stored: ``k_scale``/``v_scale [B, S, K]`` (float32,
+one per token and kv head) multiply the scores and the probabilities, which
+equals attending to the dequantized keys and values, so no float copy of the
+cache is made (blockwise: one block at a time).
 """
 
 from __future__ import annotations
@@ -84,26 +89,36 @@ Q_BLOCK, K_BLOCK = 512, 512
 
 
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask,
-                  sm_scale: float | None = None) -> jax.Array:
-    """Plain-XLA attention: ``q [B,T,K,G,D]``, ``k/v [B,S,K,D]`` -> ``[B,T,K,G,D]``."""
+                  sm_scale: float | None = None, *, k_scale=None, v_scale=None) -> jax.Array:
+    """Plain-XLA attention: ``q [B,T,K,G,D]``, ``k/v [B,S,K,D]`` (int8 with ``k_scale/v_scale [B,S,K]``)
+    -> ``[B,T,K,G,D]``."""
     T, S = q.shape[1], k.shape[1]
     if T * S > DENSE_LIMIT:
-        return blockwise_attention(q, k, v, mask, sm_scale)
+        return blockwise_attention(q, k, v, mask, sm_scale, k_scale=k_scale, v_scale=v_scale)
     static_offset = mask.q_offset if isinstance(mask.q_offset, int) else None
     if not mask.causal or static_offset is None or T < 2 * CAUSAL_BLOCK:
-        return _attend(q, k, v, mask.dense(T), sm_scale)
+        return _attend(q, k, v, mask.dense(T), sm_scale, k_scale, v_scale)
     # Causal with a known offset: query blocks skip the keys after their last
     # query (about 40% less work at 512 tokens: 3.4 vs 5.0 ms per layer on CPU).
     outs = []
     for start in range(0, T, CAUSAL_BLOCK):
         end = min(T, start + CAUSAL_BLOCK)
         keys = min(S, static_offset + end)
+        cut = lambda x: None if x is None else x[:, :keys]
         outs.append(_attend(q[:, start:end], k[:, :keys], v[:, :keys],
-                            mask.block(start, end - start, 0, keys), sm_scale))
+                            mask.block(start, end - start, 0, keys), sm_scale, cut(k_scale), cut(v_scale)))
     return jnp.concatenate(outs, axis=1)
 
 
-def _attend(q, k, v, mask, sm_scale=None):
+def _per_key(scale, shape):
+    """Scales ``[B, S, K]`` broadcast against scores of ``shape`` ``[B, K, ..., S]`` (1 where None)."""
+    if scale is None:
+        return 1.0
+    s = jnp.swapaxes(scale, 1, 2)                                         # [B, K, S]
+    return s.reshape(s.shape[:2] + (1,) * (len(shape) - 3) + s.shape[2:])
+
+
+def _attend(q, k, v, mask, sm_scale=None, k_scale=None, v_scale=None):
     """Attention over all of ``k``/``v`` with a dense mask ``[B, T, S]``.
 
     Heads go first and each kv group's queries are flattened to one axis, so
@@ -114,18 +129,19 @@ def _attend(q, k, v, mask, sm_scale=None):
     S = k.shape[1]
     scale = sm_scale if sm_scale is not None else D ** -0.5
     qh = q.transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, D)              # [B, K, T*G, D]
-    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)            # [B, K, S, D]
+    kh, vh = (x.transpose(0, 2, 1, 3).astype(q.dtype) for x in (k, v))   # [B, K, S, D]
     scores = jnp.einsum("BKQD,BKSD->BKQS", qh, kh, preferred_element_type=jnp.float32) * scale
-    scores = scores.reshape(B, K, T, G, S)
+    scores = scores.reshape(B, K, T, G, S) * _per_key(k_scale, (B, K, T, G, S))
     if mask is not None:
         scores = jnp.where(mask[:, None, :, None, :], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(B, K, T * G, S)
+    probs = jax.nn.softmax(scores, axis=-1) * _per_key(v_scale, (B, K, T, G, S))
+    probs = probs.astype(q.dtype).reshape(B, K, T * G, S)
     out = jnp.einsum("BKQS,BKSD->BKQD", probs, vh)                       # [B, K, T*G, D]
     return out.reshape(B, K, T, G, D).transpose(0, 2, 1, 3, 4)           # [B, T, K, G, D]
 
 
 def blockwise_attention(q, k, v, mask: AttentionMask, sm_scale=None, q_block: int = Q_BLOCK,
-                        k_block: int = K_BLOCK, return_lse: bool = False):
+                        k_block: int = K_BLOCK, return_lse: bool = False, *, k_scale=None, v_scale=None):
     """Flash-style attention in XLA: query blocks x key blocks with an online softmax.
 
     Peak memory is one ``[B, H, q_block, k_block]`` score tile per step; each
@@ -138,6 +154,7 @@ def blockwise_attention(q, k, v, mask: AttentionMask, sm_scale=None, q_block: in
     ``return_lse`` also returns the log-sum-exp of each row's scores
     ``[B, T, K, G]`` with a float32 output, for merging partial results
     (context parallelism); a row that visited no key has output 0, lse -inf.
+    An int8 ``k``/``v`` is converted one key block at a time, its scales applied to that block's scores.
     """
     B, T, K, G, D = q.shape
     S = k.shape[1]
@@ -146,6 +163,7 @@ def blockwise_attention(q, k, v, mask: AttentionMask, sm_scale=None, q_block: in
     nq, nk = -(-T // bq), -(-S // bk)
     q = pad_axis(q, 1, nq * bq)
     k, v = pad_axis(k, 1, nk * bk), pad_axis(v, 1, nk * bk)
+    k_scale, v_scale = pad_axis(k_scale, 1, nk * bk), pad_axis(v_scale, 1, nk * bk)
     pad_mask = dataclasses.replace(
         mask, kv_len=nk * bk,
         key_valid=pad_axis(mask.key_valid, 1, nk * bk, False),
@@ -162,16 +180,18 @@ def blockwise_attention(q, k, v, mask: AttentionMask, sm_scale=None, q_block: in
             # Operands stay in their dtype (float32 accumulation): an explicit upcast
             # here is loop-invariant for XLA, which then upcasts the whole cache.
             m, l, acc = carry
-            kb = jax.lax.dynamic_slice_in_dim(k, ki * bk, bk, 1)                   # [B, bk, K, D]
-            vb = jax.lax.dynamic_slice_in_dim(v, ki * bk, bk, 1)
+            block = lambda x: None if x is None else jax.lax.dynamic_slice_in_dim(x, ki * bk, bk, 1)
+            kb, vb = block(k).astype(q.dtype), block(v).astype(q.dtype)            # [B, bk, K, D]
             s = jnp.einsum("BKGQD,BSKD->BKGQS", qh, kb, preferred_element_type=jnp.float32) * scale
+            s = s * _per_key(block(k_scale), s.shape)
             allowed = pad_mask.block(qi * bq, bq, ki * bk, bk)[:, None, None]      # [B,1,1,bq,bk]
             s = jnp.where(allowed, s, MASK_VALUE)
             m_new = jnp.maximum(m, s.max(-1))
             p = jnp.exp(s - m_new[..., None])
             correction = jnp.exp(m - m_new)
             l = l * correction + p.sum(-1)
-            acc = acc * correction[..., None] + jnp.einsum("BKGQS,BSKD->BKGQD", p.astype(vb.dtype), vb,
+            pv = (p * _per_key(block(v_scale), p.shape)).astype(vb.dtype)
+            acc = acc * correction[..., None] + jnp.einsum("BKGQS,BSKD->BKGQD", pv, vb,
                                                            preferred_element_type=jnp.float32)
             return (m_new, l, acc), None
 
@@ -200,8 +220,9 @@ def blockwise_attention(q, k, v, mask: AttentionMask, sm_scale=None, q_block: in
 
 
 def xla_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array,
-                         sm_scale: float | None = None, return_lse: bool = False):
-    """One new query per row against a KV cache: ``q [B, Hq, D]``, caches ``[B, S, Hkv, D]``.
+                         sm_scale: float | None = None, return_lse: bool = False, *, k_scale=None, v_scale=None):
+    """One new query per row against a KV cache: ``q [B, Hq, D]``, caches ``[B, S, Hkv, D]``
+    (int8 with ``k_scale/v_scale [B, S, Hkv]``: multiplied into the scores and probabilities).
 
     Keys at slots ``>= lengths[b]`` are ignored. Written as broadcast-multiply
     and reduce rather than matmuls: with one query there is nothing for a
@@ -214,13 +235,16 @@ def xla_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, l
     scale = sm_scale if sm_scale is not None else D ** -0.5
     qg = q.reshape(B, 1, K, G, D).astype(jnp.float32)
     scores = jnp.sum(qg * k_cache[:, :, :, None, :].astype(jnp.float32), axis=-1) * scale   # [B, S, K, G]
+    if k_scale is not None:
+        scores = scores * k_scale[..., None]
     valid = jnp.arange(S)[None, :] < lengths[:, None]
     scores = jnp.where(valid[:, :, None, None], scores, -jnp.inf)
     m = jnp.max(scores, axis=1, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)                 # a row with no valid key (an empty shard)
     p = jnp.exp(scores - m)
     total = jnp.sum(p, axis=1)                                                         # [B, K, G]
-    out = jnp.sum(p[..., None] * v_cache[:, :, :, None, :].astype(jnp.float32), axis=1)  # [B, K, G, D]
+    pv = p if v_scale is None else p * v_scale[..., None]
+    out = jnp.sum(pv[..., None] * v_cache[:, :, :, None, :].astype(jnp.float32), axis=1)  # [B, K, G, D]
     out = out / jnp.where(total > 0, total, 1.0)[..., None]
     if return_lse:
         lse = jnp.where(total > 0, m[:, 0] + jnp.log(jnp.where(total > 0, total, 1.0)), -jnp.inf)

@@ -16,6 +16,13 @@ trace time, what runs:
 
 A requested implementation that cannot take a mask falls back (cuDNN ->
 Pallas -> XLA) and says so once in the log, naming the reason.
+
+A KV cache reaches attention as stored (`attend_cache` takes a
+`jaxlm.nn.kv_cache.KVView`): decoding reads int8 values with their scales and
+pages through their block table in place (the Pallas decode and paged
+kernels, or the XLA cores; for pages XLA gathers the rows' pages first, the
+pure-JAX reference path that CPU runs). Only the float-only attention
+(flash prefill kernels, cuDNN, context-parallel shards) gets a dequantized copy.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import jax.numpy as jnp
 from jaxlm import kernels
 from jaxlm.errors import ConfigError
 from jaxlm.nn import context_parallel
+from jaxlm.nn.kv_cache import KVView
 from jaxlm.options import ATTENTION_IMPLS
 from jaxlm.nn.attention import AttentionMask, blockwise_attention, xla_attention, xla_decode_attention
 from jaxlm.sharding import ACT, active_mesh_axes, context_axis, logical_to_spec
@@ -117,10 +125,15 @@ def plan_attention(mask: AttentionMask, q_shape, *, impl: str = "auto", context:
 
 
 def _logged_plan(plan: AttentionPlan) -> AttentionPlan:
-    if plan.fallback and plan.fallback not in _logged:
-        _logged.add(plan.fallback)
-        log.warning("attention: %s", plan.fallback)
+    if plan.fallback:
+        _log_once(plan.fallback)
     return plan
+
+
+def _log_once(why: str) -> None:
+    if why not in _logged:
+        _logged.add(why)
+        log.warning("attention: %s", why)
 
 
 def _splits_over(axis: str, q_shape, kv_len: int, sizes) -> bool:
@@ -172,31 +185,62 @@ def _cudnn_misfit(mask: AttentionMask, q_shape, dtype, strategy) -> str | None:
 
 # ------------------------------------------------------------------ running
 def attend(q, k, v, mask: AttentionMask, plan: AttentionPlan):
-    """``q [B, T, K, G, D]``, ``k/v [B, S, K, D]`` -> ``[B, T, K, G, D]`` as ``plan`` says.
+    """``q [B, T, K, G, D]``, float ``k/v [B, S, K, D]`` -> ``[B, T, K, G, D]`` as ``plan`` says.
 
     In decode mode T is 1 and ``k``/``v`` are the whole caches.
     """
+    return attend_cache(q, KVView(k, v), mask, plan)
+
+
+def attend_cache(q, kv: KVView, mask: AttentionMask, plan: AttentionPlan):
+    """``q [B, T, K, G, D]`` against a cache as stored (int8 and scales, or pages) -> ``[B, T, K, G, D]``."""
+    kv = _in_compute_dtype(kv, q.dtype)
+    B, T, K, G, D = q.shape
     if plan.mode == "decode":
-        B, T, K, G, D = q.shape
         q3 = q.reshape(B, K * G, D)
-        if plan.context_axis:
+        if plan.context_axis:   # the shards travel as floats: context parallelism takes no int8 or pages yet
+            k, v = kv.dequantized(q.dtype)
             out = context_parallel.decode_attention(q3, k, v, mask.key_lengths, plan.context_axis,
                                                     local=_decode_local(plan.impl))
         else:
-            out = _decode_local(plan.impl)(q3, k, v, mask.key_lengths)[0].astype(q.dtype)
+            out = _decode_in_place(plan.impl, q3, kv, mask.key_lengths)[0].astype(q.dtype)
         return out.reshape(B, T, K, G, D)
+    if plan.impl == "xla" and not plan.context_strategy:
+        kv = kv.contiguous()
+        return xla_attention(q, kv.k, kv.v, mask, k_scale=kv.k_scale, v_scale=kv.v_scale)
+    k, v = kv.dequantized(q.dtype)
     if plan.context_strategy:
         return context_parallel.prefill_attention(q, k, v, mask, plan.context_axis, plan.context_strategy,
                                                   local=_prefill_local(plan.impl))
-    if plan.impl == "xla":
-        return xla_attention(q, k, v, mask)
-    B, T, K, G, D = q.shape
     q4 = q.reshape(B, T, K * G, D)
     if plan.impl == "cudnn":
         out = jax.nn.dot_product_attention(q4, k, v, is_causal=mask.causal, implementation="cudnn")
     else:
         out = kernels.flash_attention(q4, k, v, **plan.flash.kwargs())
     return out.reshape(B, T, K, G, D)
+
+
+def _in_compute_dtype(kv: KVView, dtype) -> KVView:
+    """A float cache stored in another dtype than the compute dtype is converted (int8 stays as stored)."""
+    if kv.quantized or kv.k.dtype == dtype:
+        return kv
+    return dataclasses.replace(kv, k=kv.k.astype(dtype), v=kv.v.astype(dtype))
+
+
+def _decode_in_place(impl: str, q, kv: KVView, lengths):
+    """Decode ``q [B, H, D]`` on one device against ``kv`` as stored -> (out float32, lse)."""
+    scales = dict(k_scale=kv.k_scale, v_scale=kv.v_scale)
+    if impl != "xla" and kv.paged:
+        why = kernels.paged_kernel_misfit(kv.k.shape[1])
+        if why is None:
+            return kernels.paged_decode_attention(q, kv.k, kv.v, kv.block_table, lengths, return_lse=True, **scales)
+        impl = "xla"
+        _log_once(f"the paged decode kernel does not fit ({why}): the XLA gather path")
+    if impl == "xla":
+        kv = kv.contiguous()
+        return xla_decode_attention(q, kv.k, kv.v, lengths, return_lse=True, k_scale=kv.k_scale,
+                                    v_scale=kv.v_scale)
+    return kernels.decode_attention(q, kv.k, kv.v, lengths, return_lse=True, **scales)
 
 
 def _prefill_local(impl: str):

@@ -3,12 +3,18 @@
 Layout ``[B, S, K, D]`` (batch, slot, kv head, head dim), sharded by the
 logical axes (batch, cache_length, act_kv_heads). The int8 form stores one
 float32 scale per token and kv head (``[B, S, K]``, symmetric, max-abs / 127)
-and halves the cache of a bfloat16 model. `read` dequantizes the slots it
-returns into the compute dtype before attention runs (on every path today,
-XLA and Pallas alike): the int8 cache saves memory, not yet bandwidth.
+and halves the cache of a bfloat16 model. `read` returns the cache as stored
+(`KVView`: int8 values and their scales, or pages and a block table), and
+attention dequantizes per block where it reads them: the decode kernels and
+XLA cores multiply the scales into the scores and probabilities, so no
+dequantized copy of the whole cache is made (the int8 cache saves bandwidth,
+not only memory). Only the flash prefill kernels still take float keys
+(`KVView.dequantized`).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -64,16 +70,55 @@ def write(cache, k, v, write_slot):
     return put(kc, k, AXES), put(vc, v, AXES)
 
 
-def read(cache, dtype, length: int | None = None):
-    """``(k, v)`` in ``dtype`` (dequantized for int8), the first ``length`` slots (paged: all of the rows')."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVView:
+    """A cache as attention reads it: as stored, nothing dequantized or gathered.
+
+    ``k``/``v`` are ``[B, S, K, D]``, or with ``block_table [B, n]`` a page pool
+    ``[P, page, K, D]`` whose row ``b`` holds the pages ``block_table[b]`` in
+    order; a float dtype or int8. ``k_scale``/``v_scale`` are the float32
+    scales of an int8 cache (``[B, S, K]``, pages ``[P, page, K]``), else None.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    k_scale: jax.Array | None = None
+    v_scale: jax.Array | None = None
+    block_table: jax.Array | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale is not None
+
+    @property
+    def paged(self) -> bool:
+        return self.block_table is not None
+
+    def contiguous(self) -> "KVView":
+        """The rows' pages gathered into ``[B, n * page, K(, D)]`` (still int8 when quantized): the
+        pure-JAX paged path, which every backend can run; the paged kernels read pages in place."""
+        if not self.paged:
+            return self
+        B, n = self.block_table.shape
+        gather = lambda x: None if x is None else x[self.block_table].reshape((B, n * x.shape[1]) + x.shape[2:])
+        return KVView(gather(self.k), gather(self.v), gather(self.k_scale), gather(self.v_scale))
+
+    def dequantized(self, dtype) -> tuple[jax.Array, jax.Array]:
+        """Float ``(k, v) [B, S, K, D]`` in ``dtype``: a full copy, for the attention that takes floats only
+        (the flash prefill kernels, cuDNN, context-parallel shards)."""
+        kv = self.contiguous()
+        if not kv.quantized:
+            return kv.k.astype(dtype), kv.v.astype(dtype)
+        return _dequantize(kv.k, kv.k_scale, dtype), _dequantize(kv.v, kv.v_scale, dtype)
+
+
+def read(cache, length: int | None = None) -> KVView:
+    """The cache as stored (`KVView`): its first ``length`` slots (all when None; paged: the pool and block table)."""
     if isinstance(cache, PagedLayerCache):
-        return _read_pages(cache, dtype)
+        return KVView(*cache.pages[:2], *cache.pages[2:], block_table=cache.block_table)
     cut = (lambda x: x) if length is None else (lambda x: x[:, :length])
-    if len(cache) == 4:
-        kc, vc, ks, vs = (cut(x) for x in cache)
-        return _dequantize(kc, ks, dtype), _dequantize(vc, vs, dtype)
-    kc, vc = cache
-    return cut(kc).astype(dtype), cut(vc).astype(dtype)
+    return KVView(*(cut(x) for x in cache))
 
 
 def _dequantize(q, scale, dtype):
@@ -142,16 +187,6 @@ def _write_pages(cache: PagedLayerCache, k, v, write_slot) -> PagedLayerCache:
     else:
         pages = (put(cache.pages[0], k), put(cache.pages[1], v))
     return PagedLayerCache(pages, cache.block_table)
-
-
-def _read_pages(cache: PagedLayerCache, dtype):
-    """``(k, v) [R, S, K, D]`` in ``dtype``: every page of each row's block table, in order."""
-    R, n = cache.block_table.shape
-    gather = lambda buf: buf[cache.block_table].reshape((R, n * cache.page_size) + buf.shape[2:])
-    if len(cache.pages) == 4:
-        kp, vp, ks, vs = (gather(x) for x in cache.pages)
-        return _dequantize(kp, ks, dtype), _dequantize(vp, vs, dtype)
-    return gather(cache.pages[0]).astype(dtype), gather(cache.pages[1]).astype(dtype)
 
 
 def bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype) -> int:

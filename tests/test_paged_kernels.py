@@ -1,0 +1,186 @@
+"""KV caches read in place: int8 caches (values + scales, dequantized per block) and paged caches
+(pages read through the block table), in the Pallas kernels and the XLA paths.
+
+Kernels run in interpret mode on CPU (GPU kernels with NaN-poisoned outputs, TPU kernels with
+NaN uninitialized memory) against the float32 reference over the gathered, dequantized cache;
+lowering for CUDA (Triton) and TPU (Mosaic) is checked with jax.export. The in-place claim is
+checked on the compiled CPU program: its temporary memory stays below one float copy of the cache.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+from jax.experimental.pallas import tpu as pltpu
+
+from jaxlm.kernels import decode_attention, paged_decode_attention, reference_decode
+from jaxlm.kernels.common import poison_outputs
+from jaxlm.nn.attention import AttentionMask
+from jaxlm.nn.attention_plan import attend_cache, plan_attention
+from jaxlm.nn.kv_cache import KVView, empty, quantize, read
+
+TPU_INTERPRET = pltpu.InterpretParams(uninitialized_memory="nan")
+TOL = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2}
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    assert np.isfinite(a).all(), "non-finite values: an output element was never written"
+    return float(np.abs(a - b).max() / (np.abs(b).max() + 1e-12))
+
+
+def paged_case(r, lengths, Hq, Hkv, D, page, width, dtype, int8):
+    """A shuffled pool with spare pages, each row's pages in its block table and NULL (0) past its end."""
+    used = [-(-n // page) for n in lengths]
+    P = 1 + sum(used) + 3                                  # page 0 is NULL; 3 pages nobody holds
+    ids = r.permutation(np.arange(1, P))
+    table = np.zeros((len(lengths), width), np.int32)
+    start = 0
+    for b, n in enumerate(used):
+        table[b, :n] = ids[start:start + n]
+        start += n
+    q = jnp.asarray(r.standard_normal((len(lengths), Hq, D)), jnp.float32).astype(dtype)
+    k, v = (jnp.asarray(r.standard_normal((P, page, Hkv, D)), jnp.float32).astype(dtype) for _ in range(2))
+    if int8:
+        (k, k_scale), (v, v_scale) = quantize(k), quantize(v)
+        view = KVView(k, v, k_scale, v_scale, jnp.asarray(table))
+    else:
+        view = KVView(k, v, block_table=jnp.asarray(table))
+    return q, view, jnp.asarray(lengths, jnp.int32)
+
+
+def reference(q, view: KVView, lengths):
+    """float32 attention over the gathered, dequantized cache."""
+    k, v = view.dequantized(jnp.float32)
+    return reference_decode(q, k, v, lengths)
+
+
+def scales(view):
+    return dict(k_scale=view.k_scale, v_scale=view.v_scale)
+
+
+PAGED = [  # lengths (ragged, not page multiples, one full table), Hq, Hkv, D, page, width, dtype, int8
+    ((1, 37, 96), 8, 2, 64, 16, 6, jnp.float32, False),       # GQA 4
+    ((50, 3, 20), 4, 4, 64, 16, 4, jnp.float32, True),        # MHA, int8
+    ((70, 129), 8, 1, 128, 32, 5, jnp.bfloat16, True),        # MQA, bf16 with int8 pages
+]
+
+
+@pytest.mark.parametrize("case", PAGED, ids=["f32-gqa", "int8-mha", "bf16-int8-mqa"])
+def test_paged_decode_kernels_interpret(case, rng):
+    lengths, Hq, Hkv, D, page, width, dtype, int8 = case
+    q, view, n = paged_case(rng, lengths, Hq, Hkv, D, page, width, dtype, int8)
+    want = reference(q, view, n)
+    with poison_outputs():   # two splits and two blocks per split on the GPU kernel: split-K merge and the loop
+        gpu = paged_decode_attention(q, view.k, view.v, view.block_table, n, block_k=page, split=2 * page,
+                                     **scales(view))
+    tpu = paged_decode_attention(q, view.k, view.v, view.block_table, n, split=2 * page, interpret=TPU_INTERPRET,
+                                 **scales(view))
+    for got in (gpu, tpu):
+        assert got.shape == q.shape and got.dtype == q.dtype
+        assert rel_err(got, want) <= TOL[dtype]
+
+
+def test_empty_row_and_lse(rng):
+    """A row of length 0 gets zeros and a log-sum-exp of -inf (the split-K merge's identity)."""
+    q, view, n = paged_case(rng, (0, 21), 4, 2, 64, 16, 3, jnp.float32, True)
+    with poison_outputs():
+        out, lse = paged_decode_attention(q, view.k, view.v, view.block_table, n, return_lse=True, **scales(view))
+    assert (np.asarray(out[0]) == 0).all() and np.isneginf(np.asarray(lse[0])).all()
+    assert rel_err(out[1:], reference(q[1:], KVView(view.k, view.v, view.k_scale, view.v_scale,
+                                                    view.block_table[1:]), n[1:])) <= 1e-4
+
+
+@pytest.mark.parametrize("Hq, Hkv, D, dtype", [(8, 2, 64, jnp.float32), (8, 1, 128, jnp.bfloat16)])
+def test_int8_decode_kernels_interpret(Hq, Hkv, D, dtype, rng):
+    """The contiguous decode kernels take the int8 cache and its scales."""
+    B, S = 3, 300
+    q = jnp.asarray(rng.standard_normal((B, Hq, D)), jnp.float32).astype(dtype)
+    (kq, ks), (vq, vs) = (quantize(jnp.asarray(rng.standard_normal((B, S, Hkv, D)), jnp.float32).astype(dtype))
+                          for _ in range(2))
+    lengths = jnp.asarray([1, int(rng.integers(2, S)), S], jnp.int32)
+    want = reference(q, KVView(kq, vq, ks, vs), lengths)
+    with poison_outputs():
+        gpu = decode_attention(q, kq, vq, lengths, k_scale=ks, v_scale=vs, block_k=32, split=64)
+    tpu = decode_attention(q, kq, vq, lengths, k_scale=ks, v_scale=vs, block_k=128, split=128,
+                           interpret=TPU_INTERPRET)
+    for got in (gpu, tpu):
+        assert got.dtype == q.dtype and rel_err(got, want) <= TOL[dtype]
+
+
+def test_attend_cache_routes_pages_and_int8(rng):
+    """attend_cache: on CPU ('auto' = XLA) the pure-JAX gather path; with a GPU plan the paged kernel
+    (interpret mode here); both equal the reference, float and int8."""
+    for int8 in (False, True):
+        q3, view, n = paged_case(rng, (5, 40), 8, 2, 64, 16, 4, jnp.float32, int8)
+        q = q3.reshape(2, 1, 2, 4, 64)
+        mask = AttentionMask.decoding(4 * 16, n)
+        want = reference(q3, view, n).reshape(q.shape)
+        cpu_plan, gpu_plan = plan_attention(mask, q.shape), plan_attention(mask, q.shape, backend="gpu")
+        assert (cpu_plan.impl, gpu_plan.impl) == ("xla", "pallas")
+        for plan in (cpu_plan, gpu_plan):
+            assert rel_err(jax.jit(lambda q, kv, m: attend_cache(q, kv, m, plan))(q, view, mask), want) <= 1e-4
+
+
+def test_bad_inputs_are_clear_errors():
+    q = jnp.zeros((2, 4, 64))
+    pages = jnp.zeros((5, 16, 2, 64), jnp.int8)
+    table, n = jnp.zeros((2, 3), jnp.int32), jnp.ones((2,), jnp.int32)
+    with pytest.raises(ValueError, match=r"k_scale of shape \(5, 16, 2\)"):
+        paged_decode_attention(q, pages, pages, table, n)
+    with pytest.raises(ValueError, match="block_table must be"):
+        paged_decode_attention(q, pages, pages, table[:1], n, k_scale=jnp.zeros((5, 16, 2)),
+                               v_scale=jnp.zeros((5, 16, 2)))
+    with pytest.raises(ValueError, match="page_size 24 is not a power of two"):
+        paged_decode_attention(q, jnp.zeros((5, 24, 2, 64)), jnp.zeros((5, 24, 2, 64)), table, n, backend="gpu")
+    with pytest.raises(ValueError, match="k_scale/v_scale are for int8 caches"):
+        decode_attention(q, jnp.zeros((2, 8, 2, 64)), jnp.zeros((2, 8, 2, 64)), n, k_scale=jnp.zeros((2, 8, 2)),
+                         v_scale=jnp.zeros((2, 8, 2)))
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_in_place_kernels_lower_for_real_hardware(platform):
+    """int8 contiguous decode and paged decode (float and int8 pools) lower to Triton / Mosaic."""
+    backend = "gpu" if platform == "cuda" else "tpu"
+    checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    S = jax.ShapeDtypeStruct
+    marker = "tpu_custom_call" if platform == "tpu" else "xla.gpu.triton"
+    lower = lambda f, *args: export.export(jax.jit(f), platforms=[platform], disabled_checks=checks)(*args)
+    for D in (64, 128):
+        q, n = S((3, 32, D), jnp.bfloat16), S((3,), jnp.int32)
+        cache, cache_scale = S((3, 5000, 8, D), jnp.int8), S((3, 5000, 8), jnp.float32)
+        int8 = lower(lambda q, k, v, ks, vs, n: decode_attention(q, k, v, n, k_scale=ks, v_scale=vs, backend=backend),
+                     q, cache, cache, cache_scale, cache_scale, n)
+        pool, table = S((37, 16, 8, D), jnp.bfloat16), S((3, 70), jnp.int32)
+        paged = lower(lambda q, k, v, t, n: paged_decode_attention(q, k, v, t, n, backend=backend), q, pool, pool,
+                      table, n)
+        pool8, pool_scale = S((37, 16, 8, D), jnp.int8), S((37, 16, 8), jnp.float32)
+        paged8 = lower(lambda q, k, v, t, n, ks, vs: paged_decode_attention(q, k, v, t, n, k_scale=ks, v_scale=vs,
+                                                                            backend=backend),
+                       q, pool8, pool8, table, n, pool_scale, pool_scale)
+        for exported in (int8, paged, paged8):
+            assert exported.mlir_module().count(marker) == 1
+
+
+def test_int8_cache_is_read_in_place():
+    """The compiled int8 decode step (and a blockwise prefill chunk) allocates less temporary memory
+    than one float32 copy of the cache: the scales go into the scores, the values stay int8."""
+    B, S, K, G, D = 2, 4096, 2, 4, 64
+    float_copy = B * S * K * D * 4
+
+    def decode(q, cache, lengths):
+        mask = AttentionMask.decoding(S, lengths)
+        return attend_cache(q, read(cache), mask, plan_attention(mask, q.shape, impl="xla"))
+
+    q = jax.ShapeDtypeStruct((B, 1, K, G, D), jnp.float32)
+    step = jax.jit(decode).lower(q, empty((B, S, K, D), jnp.int8), jnp.full((B,), 100, jnp.int32)).compile()
+    assert step.memory_analysis().temp_size_in_bytes < float_copy / 4
+
+    def chunk(q, cache):   # 2048 queries x 4096 keys: the blockwise path, one key block converted at a time
+        mask = AttentionMask(S, True, jnp.int32(S - q.shape[1]))
+        return attend_cache(q, read(cache, S), mask, plan_attention(mask, q.shape, impl="xla"))
+
+    prefill = jax.jit(chunk).lower(jax.ShapeDtypeStruct((1, 2048, K, G, D), jnp.float32),
+                                   empty((1, S, K, D), jnp.int8)).compile()
+    assert f"f32[1,{S},{K},{D}]" not in prefill.as_text() and f"f32[1,{K},{S},{D}]" not in prefill.as_text()
