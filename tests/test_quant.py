@@ -288,3 +288,31 @@ def test_qlora_trains_adapters_on_an_int4_base_and_exports_full_precision(make_h
     np.testing.assert_allclose(np.asarray(merged(ids)), np.asarray(adapted(ids)), atol=1e-4)
     with pytest.raises(ConfigError, match="QLoRA"):   # full fine-tuning of int weights is refused
         dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, enabled=False)).validate()
+
+
+def test_jaxlm_serve_quantize_serves_greedy_completions(golden, tmp_path):
+    import json
+    import urllib.request
+
+    from live_server import LiveServer
+
+    from jaxlm import InternLM2Tokenizer
+
+    path = str(golden("tiny_chat_realvocab"))
+    srv = LiveServer(tmp_path / "serve.log", tmp_path / "cache", "--model", path, "--quantize", "int8",
+                     "--max-num-seqs", "2", "--max-model-len", "256", "--num-pages", "40", "--dtype", "float32")
+    try:
+        srv.wait_healthy()
+        body = json.dumps({"model": os.path.basename(path), "prompt": "The capital of France is",
+                           "max_tokens": 5, "temperature": 0, "ignore_eos": True}).encode()
+        request = urllib.request.Request(srv.url + "/v1/completions", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as r:
+            reply = json.load(r)
+    finally:
+        srv.stop()
+    assert reply["usage"]["completion_tokens"] == 5
+    tok = InternLM2Tokenizer.from_pretrained(path)
+    model = InternLM2ForCausalLM.from_pretrained(path, dtype="float32", quantize="int8")
+    ids = np.asarray([tok.encode("The capital of France is")])
+    out = np.asarray(model.generate(ids, max_new_tokens=5, eos_token_id=None))[0, ids.shape[1]:]
+    assert reply["choices"][0]["text"] == tok.decode(out.tolist(), skip_special_tokens=True)
