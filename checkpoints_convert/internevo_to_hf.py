@@ -33,7 +33,7 @@ def run(args) -> int:
     quiet_runtime_logs()
     from jaxlm.checkpoint.convert import write_hf
     from jaxlm.checkpoint.hub import resolve_model_path
-    from jaxlm.checkpoint.internevo import is_origin_checkpoint
+    from jaxlm.checkpoint.internevo import is_origin_checkpoint, rotary_order_stated
     from jaxlm.errors import CheckpointError
 
     with user_errors():
@@ -45,6 +45,9 @@ def run(args) -> int:
                         hf_config=args.config, sidecar_dir=args.tokenizer)
     print(f"wrote {info['dst']} ({info['bytes'] / 1e6:.1f} MB in {len(info['files'])} safetensors file(s)"
           f"{', copied ' + ', '.join(info['copied']) if info['copied'] else ''})")
+    if not rotary_order_stated(src):
+        print("note: the model config states neither qk_interleaved nor adapt_hf; the q/k rows were taken as "
+              "interleaved, as InternEvo's own converter does")
     return 0
 
 

@@ -231,6 +231,28 @@ def test_origin_imports_match_the_golden_logits(case, origin, sources, tmp_path)
     assert listing(src) == before  # the source directory is only read
 
 
+def test_hf_config_instead_of_model_config(origin, sources, tmp_path):
+    """Without model_config.pt, --config supplies the shapes; the rotary order, unstated, is
+    taken as interleaved (as InternEvo's converter does) and the shapes decide the embedding split."""
+    src = shutil.copytree(origin("wp2_split_qkv_interleaved"), tmp_path / "src")
+    os.remove(src / "model_config.pt")
+    config = os.path.join(sources("tiny_dynamic_ntk"), "config.json")
+    result = run_cli("internevo_to_hf", "--src", src, "--dst", tmp_path / "hf", "--config", config)
+    assert result.returncode == 0, result.stderr
+    assert "taken as interleaved" in result.stdout
+    ids, mask, positions, want = expected_logits(sources, "wp2_split_qkv_interleaved")
+    got = InternLM2ForCausalLM.from_pretrained(str(tmp_path / "hf"))(ids, attention_mask=mask, position_ids=positions)
+    assert np.abs(np.asarray(got) - want).max() < 1e-4
+    wrong = json.loads(open(config).read())
+    wrong["intermediate_size"] = 128
+    (tmp_path / "wrong.json").write_text(json.dumps(wrong))
+    result = run_cli("internevo_to_hf", "--src", src, "--dst", tmp_path / "out", "--config", tmp_path / "wrong.json")
+    assert_one_line_error(result, "wrong.json: intermediate_size is 128, but the Origin checkpoint", "has 352")
+    assert not (tmp_path / "out").exists()
+    assert_one_line_error(run_cli("internevo_to_hf", "--src", src, "--dst", tmp_path / "out"),
+                          "no model_config.pt; pass --config")
+
+
 def test_origin_source_for_hf_to_jaxlm(origin, sources, tmp_path):
     from jaxlm.checkpoint.convert import hf_to_jaxlm
 

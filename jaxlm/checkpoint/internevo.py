@@ -38,13 +38,11 @@ from jaxlm.errors import CheckpointError, JaxlmError
 from jaxlm.files import atomic_output_dir, check_destination
 
 SHARD_FILE = re.compile(r"^model_(tp|wp)(\d+)_pp(\d+)\.pt$")
+_ANY_SHARD = re.compile(r"^model_(tp|wp)\d+_pp\d+(_dp\d+)?\.pt$")  # with FSDP's, to refuse those by name
 CONFIG_FILE = "model_config.pt"
 HF_CONFIG_FILE = "config.json"
 _TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # first pickle of torch's pre-zip file format
 _DEFAULT_MAX_POSITIONS = 32768  # the released InternLM2 models'; Origin configs rarely say
-
-
-_ANY_SHARD = re.compile(r"^model_(tp|wp)\d+_pp\d+(_dp\d+)?\.pt$")  # with FSDP's, to refuse those by name
 
 
 def is_origin_checkpoint(path: str) -> bool:
@@ -135,6 +133,12 @@ def is_interleaved(origin: dict) -> bool:
     if "adapt_hf" in origin:
         return not origin["adapt_hf"]
     return True  # InternEvo's own convert2hf_internlm2 assumes adapt_hf=False when neither is given
+
+
+def rotary_order_stated(path: str) -> bool:
+    """Whether an Origin directory's model_config.pt says which rotary row order it uses."""
+    config = os.path.join(path, CONFIG_FILE)
+    return os.path.isfile(config) and bool({"qk_interleaved", "adapt_hf"} & set(read_origin_config(config)))
 
 
 def rotary_rows(head_dim: int) -> np.ndarray:
@@ -387,7 +391,10 @@ class OriginCheckpoint(HFCheckpoint):
         return 1 if cols * self.ranks == hidden else 0
 
     def _check_shards(self) -> None:
-        want_shapes = shard_shapes(self.config, self.ranks, self.mode, self.embed_dim)
+        try:
+            want_shapes = shard_shapes(self.config, self.ranks, self.mode, self.embed_dim)
+        except CheckpointError as e:
+            raise CheckpointError(f"{self.path}: {e}") from None
         for name in hf_layout.by_hf_name(self.config):
             if name not in self._sources:
                 raise CheckpointError(f"{self.path}: no shard holds {name!r} (in Origin names "
