@@ -290,11 +290,20 @@ def test_config_pt_is_read_without_internevo_and_only_plain_values(origin, tmp_p
     assert type(values) is dict and type(values["parallel"]) is dict and values["dtype"] is torch.float32
     with pytest.raises(pickle.UnpicklingError):  # torch's own safe loader refuses InternEvo's class
         torch.load(os.path.join(origin("tp2_pp2_fused"), "model_config.pt"), weights_only=True)
+    legacy = tmp_path / "legacy.pt"  # torch's pre-zip format: magic, protocol, sys info, then the object
+    torch.save({"num_layers": 2, "dtype": torch.bfloat16}, legacy, _use_new_zipfile_serialization=False)
+    assert read_origin_config(str(legacy)) == {"num_layers": 2, "dtype": torch.bfloat16}
     evil = tmp_path / "model_config.pt"
-    torch.save({"num_layers": 2, "payload": types.SimpleNamespace(x=1)}, evil)
+
+    class Exploit:  # unpickling this would run a shell command
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'pwned'}",)
+
+    torch.save({"num_layers": 2, "payload": Exploit()}, evil)
     from jaxlm.errors import CheckpointError
-    with pytest.raises(CheckpointError, match="refusing to unpickle types.SimpleNamespace"):
+    with pytest.raises(CheckpointError, match=r"refusing to unpickle (posix|os)\.system"):
         read_origin_config(str(evil))
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_rotary_flags_and_stage_partition():
