@@ -152,6 +152,10 @@ def start(cmd, port, env=None, timeout=900):
     raise RuntimeError(f"{cmd} did not become healthy in {timeout}s")
 
 
+def jaxlm_serve_cmd(path: str, port: int, *options: str) -> list[str]:
+    return [sys.executable, "-m", "jaxlm", "serve", "--model", path, "--port", str(port), *options]
+
+
 def stop(proc):
     proc.terminate()
     try:
@@ -195,7 +199,10 @@ def run_static(path, requests):
     from jaxlm import InternLM2ForCausalLM
 
     model = InternLM2ForCausalLM.from_pretrained(path)
-    model.generate(np.asarray([requests[0][0]]), max_new_tokens=requests[0][1], eos_token_id=None)  # compile
+    # Compile every shape first (prompt-length and output-length buckets), untimed, as the
+    # servers compile before they are healthy: the timed pass measures generation only.
+    for ids, n in requests:
+        model.generate(np.asarray([ids]), max_new_tokens=n, eos_token_id=None)
     results, start = [], time.perf_counter()
     for ids, n in requests:
         t = time.perf_counter()
@@ -227,9 +234,8 @@ def main():
     peers = args.peers.split(",")
     if "jaxlm" in peers:
         port = free_port()
-        proc = start([sys.executable, "-m", "jaxlm", "serve", "--model", path, "--port", str(port),
-                      "--max-num-seqs", str(args.max_concurrency), "--max-model-len", "512",
-                      "--page-size", "32", "--num-pages", "512", "--max-num-batched-tokens", "256"], port)
+        proc = start(jaxlm_serve_cmd(path, port, "--max-num-seqs", str(args.max_concurrency), "--max-model-len", "512",
+                                     "--page-size", "32", "--num-pages", "512", "--max-num-batched-tokens", "256"), port)
         try:
             results["jaxlm serve"] = asyncio.run(run_load(f"http://127.0.0.1:{port}/v1/completions", prompts,
                                                           model=os.path.basename(path),

@@ -19,31 +19,18 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
-from jaxlm import InternLM2ForCausalLM  # noqa: E402
-from jaxlm.config import InternLM2Config  # noqa: E402
 from jaxlm.plan import plan_memory  # noqa: E402
+from models import bench_config, copy_bandwidth, random_model  # noqa: E402
 
 
 def peak_bytes() -> int | None:
     stats = jax.devices()[0].memory_stats() or {}
     return stats.get("peak_bytes_in_use")
-
-
-def copy_bandwidth(dry: bool) -> float:
-    n = (1 << 20) if dry else (1 << 30)
-    x = jnp.ones((n,), jnp.float32)
-    f = jax.jit(lambda x: x + 1)
-    f(x).block_until_ready()
-    t = time.perf_counter()
-    for _ in range(3 if dry else 20):
-        f(x).block_until_ready()
-    return 2 * n * 4 * (3 if dry else 20) / (time.perf_counter() - t)
 
 
 def main():
@@ -57,25 +44,13 @@ def main():
     dry = args.dry_run
     os.makedirs(args.out, exist_ok=True)
     if dry:
-        config = InternLM2Config(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                 rope_scaling={"type": "dynamic", "factor": 2.0})
+        config = bench_config(True, rope_scaling={"type": "dynamic", "factor": 2.0})
         lengths, chunk, impl = [int(x) for x in (args.lengths or "512,1024").split(",")], 256, "xla"
     else:
-        config = InternLM2Config.from_pretrained("internlm2-chat-7b")
+        config = bench_config(False)
         lengths, chunk, impl = [int(x) for x in (args.lengths or "32768,131072,200000").split(",")], args.chunk, "pallas"
     longest = max(lengths)
-
-    @jax.jit
-    def init():
-        return nnx.state(InternLM2ForCausalLM(config, dtype="bfloat16", param_dtype="bfloat16",
-                                              rngs=nnx.Rngs(0)))
-
-    abstract = nnx.eval_shape(lambda: InternLM2ForCausalLM(config, dtype="bfloat16", param_dtype="bfloat16",
-                                                           attention_impl=impl, max_context=longest + 256,
-                                                           rngs=nnx.Rngs(0)))
-    graphdef, _ = nnx.split(abstract)
-    model = nnx.merge(graphdef, init())
+    model = random_model(config, attention_impl=impl, max_context=longest + 256)
     weights = config.num_params() * 2
     rows = []
     log = lambda m: print(m, flush=True)
@@ -103,6 +78,8 @@ def main():
                 model.generate(ids, max_new_tokens=n, prefill_chunk_size=chunk, eos_token_id=None)
                 total = time.perf_counter() - t
                 per_token = (total - row["prefill_s"]) / (n - 1)
+                if per_token <= 0:   # the decode steps were lost in the prefill's noise (dry runs on a busy CPU)
+                    raise RuntimeError(f"decode time below the prefill's noise ({total:.3f}s for {n} tokens)")
                 kv = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2 * (T + n // 2)
                 row["decode_tokens_per_s"] = 1 / per_token
                 row["decode_bytes_per_token"] = weights + kv
