@@ -22,7 +22,7 @@ from jaxlm.models.internlm2 import InternLM2Network
 from jaxlm.nn.attention import DENSE_LIMIT, K_BLOCK, Q_BLOCK
 from jaxlm.nn.kv_cache import bytes_per_token
 from jaxlm.nn.params import logical_axes
-from jaxlm.options import REMAT_POLICIES
+from jaxlm.options import QUANTIZE_MODES, REMAT_POLICIES
 from jaxlm.sharding import MeshConfig, check_mesh_for_model, logical_to_spec, mesh_sizes
 from jaxlm.train.step import LOSS_CHUNK
 
@@ -208,38 +208,54 @@ class _Weights:
     """Parameter elements per device, from the model's own shapes and logical axes."""
 
     elements: float        # all parameters, as stored (sharded)
-    largest_layer: float   # one decoder layer's weights after the fsdp all-gather
+    largest_layer: float   # one decoder layer's weights after the fsdp all-gather, in bytes
     lora: int              # LoRA adapter elements per unit of rank on the targeted kernels (unsharded)
+    bytes: float = 0.0     # all parameters as stored (sharded): int8 / int4 values and their scales counted
 
 
-def _weight_elements(config, compute, param_dtype, sizes, lora_targets) -> _Weights:
+def element_bytes(dtype) -> float:
+    """Bytes per element in device memory (int4 is packed two per byte)."""
+    dtype = jnp.dtype(dtype)
+    return 0.5 if dtype == jnp.int4 else dtype.itemsize
+
+
+def weight_bytes(config, param_dtype="bfloat16", quantize=None, quantize_output=False) -> int:
+    """Bytes of the whole model's parameters on one device (``jaxlm info``)."""
+    return int(_weight_elements(config, param_dtype, param_dtype, {}, (), quantize, quantize_output).bytes)
+
+
+def _weight_elements(config, compute, param_dtype, sizes, lora_targets, quantize=None,
+                     quantize_output=False) -> _Weights:
     """Walks the abstract model's parameters; ``lora_targets`` empty counts no adapters."""
     model = nnx.eval_shape(lambda: InternLM2Network(config, dtype=compute, param_dtype=param_dtype,
+                                                    quantize=quantize, quantize_output=quantize_output,
                                                     rngs=nnx.Rngs(0)))
-    elements, lora = 0.0, 0
+    elements, lora, nbytes = 0.0, 0, 0.0
     layer_elems: dict[str, float] = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         value, axes = var.get_value(), logical_axes(var)
         factor = _shard_factor(axes, value.shape, sizes)
         elements += value.size / factor
+        nbytes += value.size / factor * element_bytes(value.dtype)
         names = [str(p) for p in path]
         if "layers" not in names:
             continue
         layer = names[names.index("layers") + 1]
         # weights are all-gathered over fsdp when used: one layer at a time
         fsdp_factor = factor / max(1, _shard_factor(axes, value.shape, {**sizes, "fsdp": 1}))
-        layer_elems[layer] = layer_elems.get(layer, 0.0) + value.size / factor * fsdp_factor
+        layer_elems[layer] = layer_elems.get(layer, 0.0) + value.size / factor * fsdp_factor * element_bytes(
+            value.dtype)
         if names[-2] in lora_targets and names[-1] == "kernel":
             out_size = math.prod(value.shape[:-2 if names[-2] == "wo" else -1])
             in_size = value.size // out_size
             lora += in_size + out_size
-    return _Weights(elements, max(layer_elems.values(), default=0.0), lora)
+    return _Weights(elements, max(layer_elems.values(), default=0.0), lora, nbytes)
 
 
 def _state_bytes(weights: _Weights, train, p_bytes: int, param_dtype, tensor: int, lora_rank: int,
                  lora_targets, notes: list[str]) -> tuple[int, int, int]:
     """(parameters, optimizer state, gradients) in bytes per device."""
-    params = int(weights.elements * p_bytes)
+    params = int(weights.bytes)
     optimizer = gradients = 0
     if train == "full":
         gradients = int(weights.elements * F32)
@@ -355,7 +371,8 @@ def plan_memory(config, *, mesh=None, batch: int = 1, context: int = 2048, train
                 dtype="bfloat16", param_dtype=None, remat: str = "full", lora_rank: int = 16,
                 lora_targets=LORA_TARGETS, kv_cache_dtype=None, chunk: int | None = None,
                 device: str | int | None = None, headroom: float = 0.9,
-                scan_layers: bool | None = None, context_attention: str = "allgather") -> MemoryPlan:
+                scan_layers: bool | None = None, context_attention: str = "allgather",
+                quantize: str | None = None, quantize_output: bool = False) -> MemoryPlan:
     """Bytes per device for one run.
 
     ``train=None`` plans inference of a ``context``-token prompt (KV cache of
@@ -364,6 +381,8 @@ def plan_memory(config, *, mesh=None, batch: int = 1, context: int = 2048, train
     ``scan_layers`` defaults to True for training and False for inference.
     ``context_attention`` is the prefill strategy on a context axis (see
     `jaxlm.nn.context_parallel`): what one layer's attention holds of the K/V.
+    ``quantize`` (int8 / int4) counts the decoder matrices (and with
+    ``quantize_output`` the head) as int values plus their scales.
 
     Activations are planned in the compute dtype, as GPUs and TPUs run it;
     XLA:CPU computes bfloat16 in float32, so a bfloat16 run on CPU can use up
@@ -373,6 +392,10 @@ def plan_memory(config, *, mesh=None, batch: int = 1, context: int = 2048, train
         raise ConfigError(f"train: expected 'full' or 'lora', got {train!r}")
     if remat not in REMAT_POLICIES:
         raise ConfigError(f"remat: expected none, full or dots_saveable, got {remat!r}")
+    if quantize is not None and quantize not in QUANTIZE_MODES:
+        raise ConfigError(f"quantize: expected one of {', '.join(QUANTIZE_MODES)}, got {quantize!r}")
+    if quantize is not None and train == "full":
+        raise ConfigError("quantize: a quantized base trains only through LoRA (train='lora'), not 'full'")
     sizes = _mesh_sizes(mesh)
     check_mesh_for_model(_AxisSizes(tuple(sizes), tuple(sizes.values())), config)
     tensor, context_par = sizes.get("tensor", 1), sizes.get("context", 1)
@@ -382,7 +405,11 @@ def plan_memory(config, *, mesh=None, batch: int = 1, context: int = 2048, train
     p_bytes = jnp.dtype(param_dtype).itemsize
     notes: list[str] = []
 
-    weights = _weight_elements(config, compute, param_dtype, sizes, lora_targets if train == "lora" else ())
+    weights = _weight_elements(config, compute, param_dtype, sizes, lora_targets if train == "lora" else (),
+                               quantize, quantize_output)
+    if quantize is not None:
+        notes.append(f"weights: decoder matrices{' and output head' if quantize_output else ''} in {quantize} "
+                     f"with float32 scales, {fmt_bytes(weights.bytes)} of parameters per device")
     params, optimizer, gradients = _state_bytes(weights, train, p_bytes, param_dtype, tensor, lora_rank,
                                                 lora_targets, notes)
     x = _Local.of(config, sizes, batch, context)
@@ -393,7 +420,7 @@ def plan_memory(config, *, mesh=None, batch: int = 1, context: int = 2048, train
     if scan_layers is None:
         scan_layers = train is not None
     in_flight = SCANNED_LAYERS_IN_FLIGHT if scan_layers else config.num_hidden_layers
-    gathered = in_flight * weights.largest_layer * p_bytes if sizes.get("fsdp", 1) > 1 else 0
+    gathered = in_flight * weights.largest_layer if sizes.get("fsdp", 1) > 1 else 0
 
     if train is not None:
         activations = int(_training_activations(x, remat, compute.itemsize) + gathered)

@@ -316,3 +316,29 @@ def test_jaxlm_serve_quantize_serves_greedy_completions(golden, tmp_path):
     ids = np.asarray([tok.encode("The capital of France is")])
     out = np.asarray(model.generate(ids, max_new_tokens=5, eos_token_id=None))[0, ids.shape[1]:]
     assert reply["choices"][0]["text"] == tok.decode(out.tolist(), skip_special_tokens=True)
+
+
+# ------------------------------------------------------------- plan and info
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_plan_and_info_count_quantized_weight_bytes(medium, mode, tmp_path):
+    import json
+
+    from jaxlm.config import InternLM2Config
+    from jaxlm.plan import plan_memory
+
+    config = InternLM2Config.from_pretrained(medium)
+    model = InternLM2ForCausalLM.from_pretrained(medium, quantize=mode)
+    planned = plan_memory(config, dtype="float32", param_dtype="float32", quantize=mode, context=64)
+    assert planned.params == device_bytes(nnx.state(model, nnx.Param))
+    assert planned.params < plan_memory(config, dtype="float32", param_dtype="float32", context=64).params
+    model.save_pretrained(str(tmp_path / "q"))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("XLA_FLAGS", None)
+    out = subprocess.run([sys.executable, "-m", "jaxlm", "info", "--model", str(tmp_path / "q"), "--json"],
+                         capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    info = json.loads(out.stdout)
+    assert info["quantize"] == mode and info["weight_bytes"] == planned.params
+    bad = subprocess.run([sys.executable, "-m", "jaxlm", "plan", "--model", medium, "--quantize", mode,
+                          "--train", "full"], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines() == [
+        "error: quantize: a quantized base trains only through LoRA (train='lora'), not 'full'"]

@@ -8,7 +8,7 @@ import json
 
 from jaxlm.cli_util import quiet_runtime_logs, user_errors
 from jaxlm.config import InternLM2Config
-from jaxlm.options import CONTEXT_ATTENTION, REMAT_POLICIES
+from jaxlm.options import CONTEXT_ATTENTION, QUANTIZE_MODES, REMAT_POLICIES
 from jaxlm.plan import plan_memory
 
 
@@ -27,6 +27,9 @@ def build_parser(parser):
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--kv-cache-dtype", default=None, help="bfloat16 (default: --dtype) or int8")
     parser.add_argument("--chunk", type=int, default=None, help="prefill chunk size (inference)")
+    parser.add_argument("--quantize", choices=QUANTIZE_MODES, default=None,
+                        help="weight-only quantization of the decoder's matrices (inference, or --train lora)")
+    parser.add_argument("--quantize-output", action="store_true", help="with --quantize: the output head too")
     parser.add_argument("--context-attention", choices=CONTEXT_ATTENTION, default="allgather",
                         help="prefill strategy on a context mesh axis (default allgather)")
     parser.add_argument("--scan-layers", choices=["on", "off"], default=None,
@@ -48,13 +51,15 @@ def run(args) -> int:
             dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat, lora_rank=args.lora_rank,
             kv_cache_dtype=args.kv_cache_dtype, chunk=args.chunk,
             device=args.device or args.device_memory, headroom=args.headroom,
-            context_attention=args.context_attention,
+            context_attention=args.context_attention, quantize=args.quantize,
+            quantize_output=args.quantize_output,
             scan_layers=None if args.scan_layers is None else args.scan_layers == "on")
     if args.json:
         print(json.dumps(plan.as_dict()))
     else:
         what = f"train ({args.train}, remat {args.remat})" if args.train else "inference"
         print(f"{args.preset or args.model}: {config.num_params() / 1e9:.2f}B params, {what}, "
-              f"mesh {args.mesh}, batch {args.batch} x {args.context} tokens, {args.dtype}")
+              f"mesh {args.mesh}, batch {args.batch} x {args.context} tokens, {args.dtype}"
+              + (f", weights {args.quantize}" if args.quantize else ""))
         print(plan.table())
     return 0 if plan.fits is not False else 3
