@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-$(pwd)/gpu-suite-out}"
-PARTS="${PARTS:-kernels,long_context,serving}"
+PARTS="${PARTS:-kernels,long_context,serving,quant_decode}"
 mkdir -p "$OUT"
 export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
 # one device, no preallocation games: the suite measures its own peaks
@@ -29,6 +29,7 @@ ARGS=("$@")
 part kernels 220 benchmarks/gpu/suite.py
 part long_context 140 benchmarks/gpu/long_context.py
 part serving 140 benchmarks/gpu/serving.py
+part quant_decode 120 benchmarks/gpu/quant_decode.py
 echo
-cat "$OUT"/summary.txt "$OUT"/long_context_summary.txt "$OUT"/serving_summary.txt 2>/dev/null || true
+cat "$OUT"/summary.txt "$OUT"/long_context_summary.txt "$OUT"/serving_summary.txt "$OUT"/quant_decode_summary.txt 2>/dev/null || true
 exit $status
