@@ -3,9 +3,11 @@
 
 Kernels run in interpret mode on CPU (GPU kernels with NaN-poisoned outputs, TPU kernels with
 NaN uninitialized memory) against the float32 reference over the gathered, dequantized cache;
-lowering for CUDA (Triton) and TPU (Mosaic) is checked with jax.export. The in-place claim is
-checked on the compiled CPU program: its temporary memory stays below one float copy of the cache.
+lowering for CUDA (Triton) and TPU (Mosaic) is checked with jax.export. The in-place claims are
+checked on compiled CPU programs: no float copy of an int8 cache, no gathered copy of a row's pages.
 """
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +20,8 @@ from jaxlm.kernels import decode_attention, paged_decode_attention, reference_de
 from jaxlm.kernels.common import poison_outputs
 from jaxlm.nn.attention import AttentionMask
 from jaxlm.nn.attention_plan import attend_cache, plan_attention
-from jaxlm.nn.kv_cache import KVView, empty, quantize, read
+from jaxlm.nn.kv_cache import KVView, empty, empty_pages, quantize, read
+from jaxlm.sharding import ACT, make_mesh, named_sharding
 
 TPU_INTERPRET = pltpu.InterpretParams(uninitialized_memory="nan")
 TOL = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2}
@@ -60,24 +63,25 @@ def scales(view):
     return dict(k_scale=view.k_scale, v_scale=view.v_scale)
 
 
-PAGED = [  # lengths (ragged, not page multiples, one full table), Hq, Hkv, D, page, width, dtype, int8
-    ((1, 37, 96), 8, 2, 64, 16, 6, jnp.float32, False),       # GQA 4
-    ((50, 3, 20), 4, 4, 64, 16, 4, jnp.float32, True),        # MHA, int8
-    ((70, 129), 8, 1, 128, 32, 5, jnp.bfloat16, True),        # MQA, bf16 with int8 pages
-]
+PAGED = [  # lengths (ragged, not page multiples, one full table), Hq, Hkv, D, page, width, dtype, int8, TPU too
+    ((1, 37, 96), 8, 2, 64, 16, 6, jnp.float32, False, True),       # GQA 4
+    ((50, 3, 20), 4, 4, 64, 16, 4, jnp.float32, True, True),        # MHA, int8
+    ((70, 129), 8, 1, 128, 32, 5, jnp.bfloat16, True, False),       # MQA, bf16 with int8 pages (GPU kernel only:
+]                                                                   # TPU interpret mode is the slow one)
 
 
 @pytest.mark.parametrize("case", PAGED, ids=["f32-gqa", "int8-mha", "bf16-int8-mqa"])
 def test_paged_decode_kernels_interpret(case, rng):
-    lengths, Hq, Hkv, D, page, width, dtype, int8 = case
+    lengths, Hq, Hkv, D, page, width, dtype, int8, tpu = case
     q, view, n = paged_case(rng, lengths, Hq, Hkv, D, page, width, dtype, int8)
     want = reference(q, view, n)
     with poison_outputs():   # two splits and two blocks per split on the GPU kernel: split-K merge and the loop
-        gpu = paged_decode_attention(q, view.k, view.v, view.block_table, n, block_k=page, split=2 * page,
-                                     **scales(view))
-    tpu = paged_decode_attention(q, view.k, view.v, view.block_table, n, split=2 * page, interpret=TPU_INTERPRET,
-                                 **scales(view))
-    for got in (gpu, tpu):
+        outs = [paged_decode_attention(q, view.k, view.v, view.block_table, n, block_k=page, split=2 * page,
+                                       **scales(view))]
+    if tpu:
+        outs.append(paged_decode_attention(q, view.k, view.v, view.block_table, n, split=2 * page,
+                                           interpret=TPU_INTERPRET, **scales(view)))
+    for got in outs:
         assert got.shape == q.shape and got.dtype == q.dtype
         assert rel_err(got, want) <= TOL[dtype]
 
@@ -92,8 +96,8 @@ def test_empty_row_and_lse(rng):
                                                     view.block_table[1:]), n[1:])) <= 1e-4
 
 
-@pytest.mark.parametrize("Hq, Hkv, D, dtype", [(8, 2, 64, jnp.float32), (8, 1, 128, jnp.bfloat16)])
-def test_int8_decode_kernels_interpret(Hq, Hkv, D, dtype, rng):
+@pytest.mark.parametrize("Hq, Hkv, D, dtype, tpu", [(8, 2, 64, jnp.float32, True), (8, 1, 128, jnp.bfloat16, False)])
+def test_int8_decode_kernels_interpret(Hq, Hkv, D, dtype, tpu, rng):
     """The contiguous decode kernels take the int8 cache and its scales."""
     B, S = 3, 300
     q = jnp.asarray(rng.standard_normal((B, Hq, D)), jnp.float32).astype(dtype)
@@ -102,10 +106,11 @@ def test_int8_decode_kernels_interpret(Hq, Hkv, D, dtype, rng):
     lengths = jnp.asarray([1, int(rng.integers(2, S)), S], jnp.int32)
     want = reference(q, KVView(kq, vq, ks, vs), lengths)
     with poison_outputs():
-        gpu = decode_attention(q, kq, vq, lengths, k_scale=ks, v_scale=vs, block_k=32, split=64)
-    tpu = decode_attention(q, kq, vq, lengths, k_scale=ks, v_scale=vs, block_k=128, split=128,
-                           interpret=TPU_INTERPRET)
-    for got in (gpu, tpu):
+        outs = [decode_attention(q, kq, vq, lengths, k_scale=ks, v_scale=vs, block_k=32, split=64)]
+    if tpu:
+        outs.append(decode_attention(q, kq, vq, lengths, k_scale=ks, v_scale=vs, block_k=128, split=128,
+                                     interpret=TPU_INTERPRET))
+    for got in outs:
         assert got.dtype == q.dtype and rel_err(got, want) <= TOL[dtype]
 
 
@@ -163,24 +168,68 @@ def test_in_place_kernels_lower_for_real_hardware(platform):
             assert exported.mlir_module().count(marker) == 1
 
 
+def buffers(compiled_text: str, dims) -> set[str]:
+    """The array types of the compiled program with these dims (any element type)."""
+    return set(re.findall(r"\b[a-z0-9]+\[" + ",".join(map(str, dims)) + r"\]", compiled_text))
+
+
 def test_int8_cache_is_read_in_place():
-    """The compiled int8 decode step (and a blockwise prefill chunk) allocates less temporary memory
-    than one float32 copy of the cache: the scales go into the scores, the values stay int8."""
-    B, S, K, G, D = 2, 4096, 2, 4, 64
-    float_copy = B * S * K * D * 4
-
-    def decode(q, cache, lengths):
-        mask = AttentionMask.decoding(S, lengths)
-        return attend_cache(q, read(cache), mask, plan_attention(mask, q.shape, impl="xla"))
-
+    """No float copy of an int8 cache in the compiled decode step (the kernel path: a custom call's
+    operands are materialized, so dequantizing first, as before, put one there) or in a blockwise
+    prefill chunk; the XLA decode step's temporary memory stays below a float copy."""
+    B, S, K, G, D = 2, 512, 2, 4, 64
+    cache, lengths = empty((B, S, K, D), jnp.int8), jnp.full((B,), 100, jnp.int32)
     q = jax.ShapeDtypeStruct((B, 1, K, G, D), jnp.float32)
-    step = jax.jit(decode).lower(q, empty((B, S, K, D), jnp.int8), jnp.full((B,), 100, jnp.int32)).compile()
-    assert step.memory_analysis().temp_size_in_bytes < float_copy / 4
 
-    def chunk(q, cache):   # 2048 queries x 4096 keys: the blockwise path, one key block converted at a time
-        mask = AttentionMask(S, True, jnp.int32(S - q.shape[1]))
-        return attend_cache(q, read(cache, S), mask, plan_attention(mask, q.shape, impl="xla"))
+    def decode(q, cache, lengths, backend):
+        mask = AttentionMask.decoding(S, lengths)
+        return attend_cache(q, read(cache), mask, plan_attention(mask, q.shape, backend=backend))
 
-    prefill = jax.jit(chunk).lower(jax.ShapeDtypeStruct((1, 2048, K, G, D), jnp.float32),
-                                   empty((1, S, K, D), jnp.int8)).compile()
-    assert f"f32[1,{S},{K},{D}]" not in prefill.as_text() and f"f32[1,{K},{S},{D}]" not in prefill.as_text()
+    kernel = jax.jit(lambda *a: decode(*a, "gpu")).lower(q, cache, lengths).compile().as_text()
+    assert buffers(kernel, (B, S, K, D)) == {"s8[2,512,2,64]"}
+    xla = jax.jit(lambda *a: decode(*a, "cpu")).lower(q, cache, lengths).compile()
+    assert xla.memory_analysis().temp_size_in_bytes < B * S * K * D * 4 / 4
+
+    def chunk(q, cache):   # 1024 queries x 8192 keys: the blockwise path, one key block converted at a time
+        mask = AttentionMask(q.shape[1] * 8, True, jnp.int32(7 * q.shape[1]))
+        return attend_cache(q, read(cache, mask.kv_len), mask, plan_attention(mask, q.shape, impl="xla"))
+
+    prefill = jax.jit(chunk).lower(jax.ShapeDtypeStruct((1, 1024, K, G, D), jnp.float32),
+                                   empty((1, 8192, K, D), jnp.int8)).compile().as_text()
+    assert not buffers(prefill, (1, 8192, K, D)) - {"s8[1,8192,2,64]"} and not buffers(prefill, (1, K, 8192, D))
+
+
+def test_paged_decode_reads_pages_in_place():
+    """The paged kernel's compiled step holds the pool and nothing of the rows' gathered shape
+    ``[B, n * page, K, D]``, which the XLA gather path (the reference) builds."""
+    B, K, G, D, page, n = 2, 2, 4, 64, 16, 16
+    pages, table = empty_pages(40, page, K, D, jnp.int8), jnp.zeros((B, n), jnp.int32)
+    q, lengths = jax.ShapeDtypeStruct((B, 1, K, G, D), jnp.float32), jnp.full((B,), 100, jnp.int32)
+
+    def decode(q, pages, table, lengths, backend):
+        mask = AttentionMask.decoding(n * page, lengths)
+        view = KVView(*pages[:2], *pages[2:], block_table=table)
+        return attend_cache(q, view, mask, plan_attention(mask, q.shape, backend=backend))
+
+    compiled = {b: jax.jit(lambda *a: decode(*a, b)).lower(q, pages, table, lengths).compile().as_text()
+                for b in ("gpu", "cpu")}
+    assert not buffers(compiled["gpu"], (B, n * page, K, D)) and buffers(compiled["cpu"], (B, n * page, K, D))
+
+
+def test_paged_kernel_on_a_tensor_mesh_runs_per_device(rng):
+    """With the pool's kv heads split over ``tensor`` (as the serving engine lays it out), the kernel runs
+    on each device's heads (shard_map): equal to the reference, and the compiled step gathers nothing."""
+    q3, view, n = paged_case(rng, (5, 40), 8, 2, 64, 16, 4, jnp.float32, True)
+    q = q3.reshape(2, 1, 2, 4, 64)
+    mask = AttentionMask.decoding(4 * 16, n)
+    want = reference(q3, view, n).reshape(q.shape)
+    mesh = make_mesh("data=2,fsdp=2,tensor=2")
+    with jax.set_mesh(mesh):
+        put = lambda x, axes: jax.device_put(x, named_sharding(mesh, ACT[axes]))
+        view = KVView(put(view.k, "kv_pages"), put(view.v, "kv_pages"), put(view.k_scale, "kv_page_scale"),
+                      put(view.v_scale, "kv_page_scale"), view.block_table)
+        assert view.k.addressable_shards[0].data.shape[2] == 1            # one kv head per device
+        step = jax.jit(lambda q, kv, m: attend_cache(q, kv, m, plan_attention(m, q.shape, backend="gpu")))
+        got = step(q, view, mask)
+        compiled = step.lower(q, view, mask).compile().as_text()
+    assert rel_err(got, want) <= 1e-4 and "all-gather" not in compiled

@@ -23,9 +23,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxlm.kernels import (decode_attention, flash_attention, flash_attention_with_lse,  # noqa: E402
-                           reference_attention, reference_decode)
+                           paged_decode_attention, reference_attention, reference_decode)
 from jaxlm.nn.context_parallel import merge_partials  # noqa: E402
 from jaxlm.nn.attention import xla_decode_attention  # noqa: E402
+from jaxlm.nn.kv_cache import KVView, quantize  # noqa: E402
 
 LOG = []
 
@@ -104,6 +105,43 @@ def correctness(dry: bool, interpret) -> list[dict]:
         log(f"correctness decode B{B} S{S} Hq{Hq} Hkv{Hkv} D{D} {jnp.dtype(dtype).name}: {err:.1e} "
             f"{'OK' if ok else 'FAIL'}")
     rows.append(ring_merge_correctness(rng, dry, interpret))
+    rows += in_place_correctness(rng, dry, interpret)
+    return rows
+
+
+def paged_pool(rng, B, S, Hkv, D, page, dtype, int8):
+    """``B`` rows of ``S`` tokens in a shuffled pool of pages (page 0 the null page) -> (KVView, lengths)."""
+    n = -(-S // page)
+    P = 1 + B * n
+    table = jnp.asarray(rng.permutation(np.arange(1, P)).reshape(B, n), jnp.int32)
+    k, v = (jnp.asarray(rng.standard_normal((P, page, Hkv, D)), jnp.float32).astype(dtype) for _ in range(2))
+    if int8:
+        (k, ks), (v, vs) = quantize(k), quantize(v)
+        return KVView(k, v, ks, vs, table)
+    return KVView(k, v, block_table=table)
+
+
+def in_place_correctness(rng, dry: bool, interpret) -> list[dict]:
+    """The caches read in place: contiguous int8 decode and paged decode (bf16 and int8 pools),
+    against the float32 reference over the gathered, dequantized cache."""
+    rows = []
+    B, S, Hq, Hkv, D = (3, 200, 8, 2, 64) if dry else (4, 20000, 32, 8, 128)
+    q = jnp.asarray(rng.standard_normal((B, Hq, D)), jnp.float32).astype(jnp.bfloat16)
+    lengths = jnp.asarray([1, S // 2 + 7, S - 3, S][:B], jnp.int32)
+    (kq, ks), (vq, vs) = (quantize(jnp.asarray(rng.standard_normal((B, S, Hkv, D)), jnp.bfloat16)) for _ in range(2))
+    checks = [("int8 decode", KVView(kq, vq, ks, vs),
+               lambda kv: decode_attention(q, kv.k, kv.v, lengths, k_scale=kv.k_scale, v_scale=kv.v_scale,
+                                           interpret=interpret))]
+    for int8 in (False, True):
+        checks.append((f"paged decode {'int8' if int8 else 'bf16'}", paged_pool(rng, B, S, Hkv, D, 16, jnp.bfloat16, int8),
+                       lambda kv: paged_decode_attention(q, kv.k, kv.v, kv.block_table, lengths, k_scale=kv.k_scale,
+                                                         v_scale=kv.v_scale, interpret=interpret)))
+    for name, kv, fn in checks:
+        k, v = kv.dequantized(jnp.float32)
+        err = rel(fn(kv), reference_decode(q, k, v, lengths))
+        ok = err <= 2e-2
+        rows.append(dict(kernel=name, shape=[B, S, Hq, Hkv, D], dtype="bfloat16", errors=[err], ok=ok))
+        log(f"correctness {name} B{B} S{S} Hq{Hq} Hkv{Hkv} D{D} bfloat16: {err:.1e} {'OK' if ok else 'FAIL'}")
     return rows
 
 
@@ -206,6 +244,68 @@ def decode_timings(dry: bool, interpret) -> list[dict]:
     return rows
 
 
+def xla_gather(q, kv: KVView, lengths):
+    return xla_decode_attention(q, kv.k, kv.v, lengths, k_scale=kv.k_scale, v_scale=kv.v_scale)
+
+
+def paged_timings(dry: bool, interpret) -> list[dict]:
+    """Decode over pages of 16 tokens (the engine's default): our paged kernel (bf16 and int8 pools),
+    JAX's shipped GPU paged kernel (head-major pool, transposed outside the timing), the XLA gather path,
+    and our contiguous kernel over the same tokens (the bound a pool should come close to)."""
+    from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention as jax_paged
+
+    Hq, Hkv, D = (4, 2, 64) if dry else (32, 8, 128)
+    rng = np.random.default_rng(0)
+    rows = []
+    for S in ((256,) if dry else (8192, 32768)):
+        B = 2 if dry else 8
+        q = jnp.asarray(rng.standard_normal((B, Hq, D)), jnp.bfloat16)
+        lengths = jnp.full((B,), S, jnp.int32)
+        for int8 in (False, True):
+            kv = paged_pool(rng, B, S, Hkv, D, 16, jnp.bfloat16, int8)
+            contiguous = kv.contiguous()
+            kv_bytes = 2 * B * S * Hkv * (D + 4 if int8 else 2 * D)
+            dtype = "int8" if int8 else "bf16"
+            head_major = lambda x: None if x is None else jnp.moveaxis(x, 2, 0)
+            jk, jv, jks, jvs = (head_major(x) for x in (kv.k, kv.v, kv.k_scale, kv.v_scale))
+            impls = {
+                "jaxlm paged": lambda q, kv: paged_decode_attention(
+                    q, kv.k, kv.v, kv.block_table, lengths, k_scale=kv.k_scale, v_scale=kv.v_scale,
+                    interpret=interpret),
+                "jax paged": lambda q, kv: jax_paged(
+                    q * D ** -0.5, jk, jv, kv.block_table, lengths, jks, jvs, k_splits=16 if not dry else 4,
+                    interpret=bool(interpret)),
+                "xla gather": lambda q, kv: xla_gather(q, kv.contiguous(), lengths),
+                "jaxlm contiguous": lambda q, kv: decode_attention(
+                    q, contiguous.k, contiguous.v, lengths, k_scale=contiguous.k_scale, v_scale=contiguous.v_scale,
+                    interpret=interpret),
+            }
+            for name, fn in impls.items():
+                row = dict(S=S, B=B, impl=name, dtype=dtype)
+                try:
+                    row["s"] = timed(jax.jit(fn), q, kv, iters=1 if dry else 20)
+                    row["gbps"] = kv_bytes / row["s"] / 1e9
+                    log(f"paged S={S} B={B} {dtype} {name}: {row['s'] * 1e6:.1f} us, {row['gbps']:.0f} GB/s of KV")
+                except Exception as e:
+                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                    log(f"paged S={S} B={B} {dtype} {name}: {row['error']}")
+                rows.append(row)
+    return rows
+
+
+def paged_table(paged, bandwidth) -> list[str]:
+    impls = ("jaxlm paged", "jax paged", "xla gather", "jaxlm contiguous")
+    lines = ["", "paged decode, pages of 16, Hq=32, Hkv=8, D=128 (GB/s of KV read as stored; int8 counts its scales)",
+             f"{'S':>6} {'B':>3} {'pool':>4} | " + " ".join(f"{i:>16}" for i in impls)]
+    by = {(r["S"], r["dtype"], r["impl"]): r for r in paged}
+    for S, dtype in sorted({(r["S"], r["dtype"]) for r in paged}):
+        cells = [by.get((S, dtype, i), {}).get("gbps") for i in impls]
+        B = by[(S, dtype, impls[0])]["B"]
+        lines.append(f"{S:>6} {B:>3} {dtype:>4} | " + " ".join(f"{c:16.0f}" if c else f"{'n/a':>16}" for c in cells))
+    lines.append(f"(HBM copy bandwidth {bandwidth / 1e9:.0f} GB/s)")
+    return lines
+
+
 def table(flash, decode, bandwidth) -> str:
     lines = ["", "=== jaxlm GPU suite: summary ===",
              f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, HBM copy bandwidth "
@@ -249,7 +349,9 @@ def main():
         results["copy_bandwidth"] = copy_bandwidth(dry)
         results["flash"] = flash_timings(dry, interpret)
         results["decode"] = decode_timings(dry, interpret)
+        results["paged"] = paged_timings(dry, interpret)
         summary = table(results["flash"], results["decode"], results["copy_bandwidth"])
+        summary += "\n" + "\n".join(paged_table(results["paged"], results["copy_bandwidth"]))
     except Exception:
         log(traceback.format_exc())
         raise

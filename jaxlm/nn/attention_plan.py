@@ -228,19 +228,54 @@ def _in_compute_dtype(kv: KVView, dtype) -> KVView:
 
 
 def _decode_in_place(impl: str, q, kv: KVView, lengths):
-    """Decode ``q [B, H, D]`` on one device against ``kv`` as stored -> (out float32, lse)."""
-    scales = dict(k_scale=kv.k_scale, v_scale=kv.v_scale)
+    """Decode ``q [B, H, D]`` against ``kv`` as stored -> (out float32, lse)."""
     if impl != "xla" and kv.paged:
         why = kernels.paged_kernel_misfit(kv.k.shape[1])
         if why is None:
-            return kernels.paged_decode_attention(q, kv.k, kv.v, kv.block_table, lengths, return_lse=True, **scales)
+            return _per_device(_paged_kernel, q, kv, lengths)
         impl = "xla"
         _log_once(f"the paged decode kernel does not fit ({why}): the XLA gather path")
     if impl == "xla":
         kv = kv.contiguous()
         return xla_decode_attention(q, kv.k, kv.v, lengths, return_lse=True, k_scale=kv.k_scale,
                                     v_scale=kv.v_scale)
-    return kernels.decode_attention(q, kv.k, kv.v, lengths, return_lse=True, **scales)
+    return _per_device(_decode_kernel, q, kv, lengths)
+
+
+def _paged_kernel(q, kv: KVView, lengths):
+    return kernels.paged_decode_attention(q, kv.k, kv.v, kv.block_table, lengths, k_scale=kv.k_scale,
+                                          v_scale=kv.v_scale, return_lse=True)
+
+
+def _decode_kernel(q, kv: KVView, lengths):
+    return kernels.decode_attention(q, kv.k, kv.v, lengths, k_scale=kv.k_scale, v_scale=kv.v_scale,
+                                    return_lse=True)
+
+
+def _per_device(kernel, q, kv: KVView, lengths):
+    """``kernel`` on each device's rows and kv heads when a mesh splits them.
+
+    A Pallas call is opaque to XLA's partitioner, which would gather the whole
+    cache (or pool) onto every device first; here each device runs it on its
+    own shards. Layouts the shards cannot follow (query heads and kv heads
+    split differently, cache slots split) are left to XLA.
+    """
+    sizes = active_mesh_axes()
+    if not sizes or all(n == 1 for n in sizes.values()):
+        return kernel(q, kv, lengths)
+    P = jax.sharding.PartitionSpec
+    q_spec = logical_to_spec(ACT["decode_queries"], sizes, shape=q.shape)
+    rows, heads = q_spec[0], q_spec[1]
+    names = ("kv_pages", "kv_page_scale") if kv.paged else ("kv_cache", "kv_scale")
+    cache_spec = logical_to_spec(ACT[names[0]], sizes, shape=kv.k.shape)
+    scale_spec = logical_to_spec(ACT[names[1]], sizes, shape=kv.k.shape[:3]) if kv.quantized else None
+    dims = lambda spec: tuple(spec)[:3] + (None,) * (3 - len(tuple(spec)[:3]))
+    lead = (None, None) if kv.paged else (rows, None)   # pages whole on every device; a cache by rows
+    if dims(cache_spec) != lead + (heads,) or (scale_spec is not None and dims(scale_spec) != dims(cache_spec)):
+        return kernel(q, kv, lengths)
+    specs = KVView(cache_spec, cache_spec, scale_spec, scale_spec, P(rows, None) if kv.paged else None)
+    return jax.shard_map(kernel, in_specs=(q_spec, specs, P(rows)), out_specs=(P(rows, heads, None), P(rows, heads)),
+                         check_vma=False)(q, kv, lengths)
 
 
 def _prefill_local(impl: str):
