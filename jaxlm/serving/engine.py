@@ -321,26 +321,38 @@ class Engine:
     def _schedule_prefills(self, budget: int) -> list[tuple[_Request, int]]:
         chunks = []
         for req in sorted((r for r in self.slots if r is not None and r.prefilling), key=lambda r: r.arrival):
-            if budget <= 0 or not self._plan_chunk(req, budget, chunks):
+            planned, paged = self._plan_chunks(req, budget, chunks)
+            budget -= planned
+            if not paged:
                 return chunks
-            budget -= chunks[-1][1]
         while budget > 0 and self.waiting:
             req = self.waiting[0]
             if not self._admit(req):
                 break
-            if req.prefilling:
-                if not self._plan_chunk(req, budget, chunks):
-                    break
-                budget -= chunks[-1][1]
+            planned, paged = self._plan_chunks(req, budget, chunks) if req.prefilling else (0, True)
+            budget -= planned
+            if not paged:
+                break
         return chunks
 
-    def _plan_chunk(self, req: _Request, budget: int, chunks: list) -> bool:
-        """Schedules the request's next chunk (as much as the budget allows), or False when no pages are left."""
-        size = min(req.to_prefill, budget, self.chunk_buckets[-1])
-        if not self._ensure_pages(req, req.computed + size):
-            return False
-        chunks.append((req, size))
-        return True
+    def _plan_chunks(self, req: _Request, budget: int, chunks: list) -> tuple[int, bool]:
+        """Schedules as much of the request's prompt as the budget allows, in chunks of bucket
+        lengths; returns the tokens planned and whether pages held out (when they ran out,
+        no later request is scheduled either: first come, first served).
+
+        A chunk is run at its bucket's length, so one chunk of a length between buckets would
+        compute up to 4x its tokens (buckets grow 4x); whole buckets (largest first) and only
+        the last remainder padded keep the padding under the smallest bucket.
+        """
+        planned, left = 0, min(req.to_prefill, budget)
+        while left > 0:
+            fits = [c for c in self.chunk_buckets if c <= left]
+            size = fits[-1] if fits else left
+            if not self._ensure_pages(req, req.computed + planned + size):
+                return planned, False
+            chunks.append((req, size))
+            planned, left = planned + size, left - size
+        return planned, True
 
     # ---------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
