@@ -38,14 +38,8 @@ from jaxlm.serving.params import SamplingParams
 from jaxlm.serving.server import chat_messages, encode_chat, parse_reply
 
 from conftest import REPO, require_shared
-from live_server import LiveServer
+from live_server import CASE, ENGINE_ARGS, MAX_MODEL_LEN, LiveServer
 
-CASE = "tiny_chat_realvocab"
-MAX_MODEL_LEN = 256
-# small buckets: page 64 -> block tables of 1, 2 or 4 pages; one prefill chunk length (16): 7 programs.
-# 11 usable pages: four requests of 4 pages each do not fit at once (preemption)
-ENGINE_ARGS = ["--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--page-size", "64", "--num-pages", "12",
-               "--max-num-batched-tokens", "16", "--max-num-seqs", "4"]
 MAX_QUEUE = 2
 TIMEOUT = 60          # seconds, any one request
 
@@ -145,6 +139,19 @@ def greedy(**kw):
     return dict(temperature=0.0, **kw)
 
 
+def post_together(server, bodies, field: str) -> list:
+    """Sends every completion request at once; each one's first choice's ``field``, in order."""
+    async def together():
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT)) as session:
+            async def one(body):
+                async with session.post(server.url + "/v1/completions", json=body) as r:
+                    assert r.status == 200, await r.text()
+                    return (await r.json())["choices"][0][field]
+            return await asyncio.gather(*(one(b) for b in bodies))
+
+    return asyncio.run(together())
+
+
 def open_stream(server, path, body):
     """A streaming POST left open: (connection, response) to read server-sent events from."""
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=TIMEOUT)
@@ -229,15 +236,7 @@ def test_concurrent_requests_equal_their_solo_results(server, tok):
     bodies = [dict(prompt=p, max_tokens=10, ignore_eos=True, **greedy()) for p in prompts]
     solo = [post(server, "/v1/completions", b)[1]["choices"][0]["text"] for b in bodies]
 
-    async def together():
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT)) as session:
-            async def one(body):
-                async with session.post(server.url + "/v1/completions", json=body) as r:
-                    assert r.status == 200, await r.text()
-                    return (await r.json())["choices"][0]["text"]
-            return await asyncio.gather(*(one(b) for b in bodies))
-
-    assert asyncio.run(together()) == solo      # 5 > max_num_seqs: one waits, then joins the batch
+    assert post_together(server, bodies, "text") == solo      # 5 > max_num_seqs: one waits, then joins the batch
 
 
 def test_preemption_when_pages_run_out_changes_no_result(server):
@@ -247,15 +246,7 @@ def test_preemption_when_pages_run_out_changes_no_result(server):
     solo = [post(server, "/v1/completions", b)[1]["choices"][0]["token_ids"] for b in bodies]
     before = metrics(server)["jaxlm_preemptions_total"]
 
-    async def together():
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT)) as session:
-            async def one(body):
-                async with session.post(server.url + "/v1/completions", json=body) as r:
-                    assert r.status == 200, await r.text()
-                    return (await r.json())["choices"][0]["token_ids"]
-            return await asyncio.gather(*(one(b) for b in bodies))
-
-    assert asyncio.run(together()) == solo
+    assert post_together(server, bodies, "token_ids") == solo
     assert metrics(server)["jaxlm_preemptions_total"] > before
 
 
