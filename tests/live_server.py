@@ -21,6 +21,13 @@ from conftest import REPO
 
 STARTUP_TIMEOUT = 300   # seconds: load, then compile every program the engine can need
 
+CASE = "tiny_chat_realvocab"   # the golden real-vocabulary checkpoint the live servers serve
+MAX_MODEL_LEN = 256
+# small buckets: page 64 -> block tables of 1, 2 or 4 pages; one prefill chunk length (16): 7 programs.
+# 11 usable pages: four requests of 4 pages each do not fit at once (preemption, in test_serve.py)
+ENGINE_ARGS = ["--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--page-size", "64", "--num-pages", "12",
+               "--max-num-batched-tokens", "16", "--max-num-seqs", "4"]
+
 
 def free_port() -> int:
     with socket.socket() as s:
