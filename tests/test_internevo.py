@@ -24,7 +24,8 @@ import torch
 from conftest import REPO
 from jaxlm import InternLM2ForCausalLM
 from jaxlm.checkpoint.hf_reader import HFCheckpoint
-from jaxlm.checkpoint.internevo import is_interleaved, read_origin_config, stage_layers
+from jaxlm.checkpoint.internevo_config import is_interleaved, read_origin_config
+from jaxlm.checkpoint.internevo_layout import stage_layers
 from reference_internlm2 import load_reference
 
 CONFIG_MODULE = "internlm.core.context.parallel_context"
@@ -355,7 +356,7 @@ def test_hf_to_origin_to_hf_is_bit_exact(golden, tmp_path):
 
 
 def test_bin_source_three_layers_on_two_stages(make_hf_checkpoint, tmp_path):
-    from jaxlm.checkpoint.internevo import write_origin
+    from jaxlm.checkpoint.internevo_write import write_origin
 
     src = make_hf_checkpoint(fmt="bin", num_hidden_layers=3, max_shard_bytes=100_000)
     write_origin(src, str(tmp_path / "o"), tp=1, pp=2)
