@@ -7,6 +7,7 @@ import json
 import os
 from typing import Any
 
+from jaxlm.checkpoint.hub import resolve_model_path
 from jaxlm.errors import ConfigError
 
 ROPE_TYPES = ("linear", "dynamic")
@@ -163,13 +164,22 @@ class InternLM2Config:
         return cls.from_dict(data, source=path)
 
     @classmethod
-    def from_pretrained(cls, path: str) -> "InternLM2Config":
-        """Reads `config.json` from an HF or jaxlm checkpoint directory, or a preset name."""
+    def from_pretrained(cls, path: str, revision: str | None = None) -> "InternLM2Config":
+        """Reads `config.json` from an HF or jaxlm checkpoint directory, a hub id's snapshot
+        (config files only), or returns a preset by name.
+
+        An InternEvo Origin directory has no config.json (its config comes from its shards,
+        which this module does not read): `jaxlm.checkpoint.source.model_config` takes it.
+        """
         if path in PRESETS:
             return PRESETS[path]
+        path = resolve_model_path(path, revision, weights=False)
         file = os.path.join(path, "config.json") if os.path.isdir(path) else path
         if os.path.isdir(path) and not os.path.isfile(file):
-            raise ConfigError(f"{path}: no config.json in this directory")
+            origin = os.path.isfile(os.path.join(path, "model_config.pt"))
+            raise ConfigError(f"{path}: no config.json in this directory" + (
+                " (an InternEvo Origin checkpoint: its config is derived from the shards by "
+                "jaxlm.checkpoint.source.model_config)" if origin else ""))
         return cls.from_json_file(file)
 
     def to_dict(self) -> dict:

@@ -21,6 +21,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from jaxlm.chat import render_messages
+from jaxlm.checkpoint.hub import resolve_model_path
 from jaxlm.errors import JaxlmError
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -100,7 +101,9 @@ class InternLM2Tokenizer:
         return self.sp.piece_to_id(value)
 
     @classmethod
-    def from_pretrained(cls, path: str) -> "InternLM2Tokenizer":
+    def from_pretrained(cls, path: str, revision: str | None = None) -> "InternLM2Tokenizer":
+        """A directory or ``tokenizer.model`` file, or a hub id (its snapshot's tokenizer files only)."""
+        path = resolve_model_path(path, revision, weights=False)
         model_file = os.path.join(path, TOKENIZER_FILE) if os.path.isdir(path) else path
         if not os.path.isfile(model_file):
             raise JaxlmError(f"{path}: no {TOKENIZER_FILE} found (the SentencePiece model of InternLM2)")

@@ -2,6 +2,7 @@
 (``models--org--name/{blobs, snapshots/<commit>, refs/<branch or tag>}``)."""
 
 import hashlib
+import json
 import os
 import sys
 import types
@@ -9,12 +10,19 @@ import types
 import numpy as np
 import pytest
 
-from jaxlm import InternLM2ForCausalLM
+from jaxlm import InternLM2Config, InternLM2ForCausalLM, InternLM2Tokenizer
+from jaxlm.chat import build_prompt
 from jaxlm.checkpoint.hub import HubId, parse_hub_id, resolve_model_path
+from jaxlm.checkpoint.source import model_config, resolve_source
+from jaxlm.cli import main as jaxlm_main
 from jaxlm.errors import JaxlmError
 
 REPO_ID = "jaxlm-test/tiny-gqa"
-MAIN, V1 = "a" * 40, "b" * 40
+CHAT_ID = "jaxlm-test/tiny-chat"   # the real-vocabulary golden case: tokenizer files, two safetensors shards
+MAIN, V1, CHAT_MAIN = "a" * 40, "b" * 40, "c" * 40
+CHAT_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json",
+              "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "tokenizer.model",
+              "tokenizer_config.json")
 
 
 def add_snapshot(cache, repo_id, commit, files, refs):
@@ -40,7 +48,10 @@ def hub_cache(golden, tmp_path_factory):
     files = {name: (src / name).read_bytes() for name in ("config.json", "model.safetensors")}
     main = add_snapshot(cache, REPO_ID, MAIN, files, ["main"])
     older = add_snapshot(cache, REPO_ID, V1, {"config.json": files["config.json"]}, ["v1"])
-    return types.SimpleNamespace(path=cache, main=main, v1=older, golden=src)
+    chat_src = golden("tiny_chat_realvocab")
+    chat = add_snapshot(cache, CHAT_ID, CHAT_MAIN, {name: (chat_src / name).read_bytes() for name in CHAT_FILES},
+                        ["main"])
+    return types.SimpleNamespace(path=cache, main=main, v1=older, golden=src, chat=chat, chat_golden=chat_src)
 
 
 @pytest.fixture
@@ -99,9 +110,39 @@ def test_uncached_offline_and_missing_clients_are_clear_errors(offline, monkeypa
         resolve_model_path("internlm/internlm2-chat-7b")
 
 
+def test_tokenizer_and_config_by_hub_id(offline):
+    """Both come from the id's snapshot (its config and tokenizer files only) and equal the local ones."""
+    assert resolve_model_path(CHAT_ID, weights=False) == offline.chat
+    by_id, local = InternLM2Tokenizer.from_pretrained(CHAT_ID), InternLM2Tokenizer.from_pretrained(
+        str(offline.chat_golden))
+    text = "<|im_start|>user\n你好, time management<|im_end|>"
+    assert by_id.encode(text) == local.encode(text) and by_id.special_tokens == local.special_tokens
+    assert by_id.eos_token_id == local.eos_token_id == 2
+    assert InternLM2Config.from_pretrained(CHAT_ID) == InternLM2Config.from_pretrained(str(offline.chat_golden))
+    tiny = InternLM2Config.from_json_file(str(offline.golden / "config.json"))
+    assert InternLM2Config.from_pretrained(REPO_ID, revision="v1") == model_config(f"{REPO_ID}@v1") == tiny
+    source = resolve_source(CHAT_ID)
+    assert (source.path, source.kind, source.name) == (offline.chat, "hf", CHAT_ID)
+    with pytest.raises(JaxlmError, match=f"{offline.main}: no tokenizer.model found"):
+        InternLM2Tokenizer.from_pretrained(REPO_ID)   # that repository ships none
+
+
+def test_generate_cli_by_hub_id_equals_golden(offline, capsys):
+    """``jaxlm generate --model ORG/NAME``: weights and tokenizer from the cached snapshot, the golden
+    greedy continuation of the golden chat prompt."""
+    case = json.loads((offline.chat_golden / "chat_case.json").read_text())
+    ref = np.load(offline.chat_golden / "golden.npz")
+    prompt = build_prompt(case["query"], case["history"], case["meta_instruction"])
+    code = jaxlm_main(["generate", "--model", CHAT_ID, "--prompt", prompt, "--max-new-tokens", "12", "--json",
+                       "--dtype", "float32"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    n = ref["prompt_ids"].shape[1]
+    assert out["prompt_tokens"] == n and out["token_ids"] == ref["greedy_ids"][0, n:].tolist()
+
+
 def test_converter_src_and_serve_model_take_hub_ids(offline, tmp_path, capsys):
     from checkpoints_convert import hf_to_internevo, hf_to_jaxlm
-    from jaxlm.cli import main as jaxlm_main
 
     assert hf_to_jaxlm.main(["--src", REPO_ID, "--dst", str(tmp_path / "j")]) == 0
     assert (tmp_path / "j" / "config.json").read_text() and (tmp_path / "j" / "params").is_dir()

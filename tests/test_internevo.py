@@ -22,10 +22,12 @@ import pytest
 import torch
 
 from conftest import REPO
-from jaxlm import InternLM2ForCausalLM
+from jaxlm import ConfigError, InternLM2Config, InternLM2ForCausalLM
 from jaxlm.checkpoint.hf_reader import HFCheckpoint
 from jaxlm.checkpoint.internevo_config import is_interleaved, read_origin_config
 from jaxlm.checkpoint.internevo_layout import stage_layers
+from jaxlm.checkpoint.source import model_config, resolve_source
+from jaxlm.cli import main as jaxlm_main
 from reference_internlm2 import load_reference
 
 CONFIG_MODULE = "internlm.core.context.parallel_context"
@@ -262,6 +264,36 @@ def test_origin_source_for_hf_to_jaxlm(origin, sources, tmp_path):
     got = np.asarray(InternLM2ForCausalLM.from_pretrained(str(tmp_path / "j"))(ids, attention_mask=mask,
                                                                                 position_ids=positions))
     assert np.abs(got - want).max() < 1e-4
+
+
+def test_an_origin_dir_is_a_model_source_for_config_info_and_serve(origin, sources, tmp_path, capsys):
+    """No config.json there: the config comes from the shards wherever a model is taken."""
+    src = origin("tp2_pp2_fused")
+    want = InternLM2Config.from_pretrained(sources("tiny_gqa"))
+    assert resolve_source(src).kind == "origin"
+    got = model_config(src)
+    for key in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                "vocab_size", "rope_theta", "rms_norm_eps", "max_position_embeddings"):
+        assert getattr(got, key) == getattr(want, key), key
+    with pytest.raises(ConfigError, match="an InternEvo Origin checkpoint: its config is derived from the shards"):
+        InternLM2Config.from_pretrained(src)   # config.json only; it names the way that reads the shards
+
+    assert jaxlm_main(["info", "--model", src, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["params"], info["layers"], info["intermediate_size"]) == (want.num_params(), 2, 352)
+
+    # jaxlm serve resolves the config from the shards, then the tokenizer (none here: the next error)
+    no_tokenizer = tmp_path / "no_tokenizer"
+    with pytest.raises(SystemExit) as exit_info:
+        jaxlm_main(["serve", "--model", src, "--tokenizer", str(no_tokenizer), "--port", "0"])
+    assert exit_info.value.code == 1 and capsys.readouterr().err.strip().splitlines() == [
+        f"error: {no_tokenizer}: no tokenizer.model found (the SentencePiece model of InternLM2)"]
+    broken = copy_origin(origin, tmp_path)
+    os.remove(broken / "model_tp1_pp1.pt")
+    with pytest.raises(SystemExit) as exit_info:
+        jaxlm_main(["serve", "--model", str(broken), "--port", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 1 and len(err) == 1 and "missing shard model_tp1_pp1.pt" in err[0]
 
 
 def test_sharded_load_reads_slices_of_the_joined_tensors(origin, sources, monkeypatch):

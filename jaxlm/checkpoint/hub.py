@@ -58,7 +58,7 @@ def _has_weights(folder: str) -> bool:
     return any(name.endswith(_WEIGHT_SUFFIXES) for name in os.listdir(folder))
 
 
-def _from_huggingface(ident: HubId, revision: str | None) -> str:
+def _from_huggingface(ident: HubId, revision: str | None, weights: bool) -> str:
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
@@ -73,8 +73,8 @@ def _from_huggingface(ident: HubId, revision: str | None) -> str:
                                  local_files_only=offline)
 
     try:
-        folder = fetch(SAFETENSORS)
-        if not _has_weights(folder) and not offline:  # a repo with .bin (or Origin .pt) weights only
+        folder = fetch(SAFETENSORS if weights else [])
+        if weights and not _has_weights(folder) and not offline:  # a repo with .bin (or Origin .pt) weights only
             folder = fetch(FALLBACK_WEIGHTS)
     except LocalEntryNotFoundError:
         where = "HF_HUB_OFFLINE=1" if offline else "the Hub could not be reached"
@@ -91,23 +91,25 @@ def _from_huggingface(ident: HubId, revision: str | None) -> str:
     return folder
 
 
-def _from_modelscope(ident: HubId, revision: str | None) -> str:
+def _from_modelscope(ident: HubId, revision: str | None, weights: bool) -> str:
     try:
         from modelscope import snapshot_download
     except ImportError:
         raise JaxlmError(f"{MODELSCOPE_PREFIX}{ident.repo_id}: loading from ModelScope needs the modelscope "
                          f"package: pip install 'jaxlm[modelscope]'") from None
     try:
-        return snapshot_download(ident.repo_id, revision=revision or "master",
-                                 allow_patterns=CONFIG_AND_TOKENIZER + SAFETENSORS + FALLBACK_WEIGHTS)
+        return snapshot_download(ident.repo_id, revision=revision or "master", allow_patterns=CONFIG_AND_TOKENIZER +
+                                 (SAFETENSORS + FALLBACK_WEIGHTS if weights else []))
     except Exception as e:  # modelscope raises plain exceptions of many kinds
         raise CheckpointError(f"{MODELSCOPE_PREFIX}{ident.repo_id}: download from ModelScope failed "
                               f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
-def resolve_model_path(source: str, revision: str | None = None) -> str:
+def resolve_model_path(source: str, revision: str | None = None, *, weights: bool = True) -> str:
     """A local directory for ``source``: itself if it exists, else its hub snapshot.
 
+    ``weights=False`` fetches only the config and tokenizer files (for a tokenizer or
+    a config by id); a later full fetch of the same revision fills the same snapshot.
     Anything that is neither a local path nor a hub id comes back unchanged, so the
     caller's own "not a directory" error names it.
     """
@@ -120,5 +122,5 @@ def resolve_model_path(source: str, revision: str | None = None) -> str:
         raise JaxlmError(f"{source}: revision {ident.revision!r} in the id and revision={revision!r} disagree")
     revision = revision or ident.revision
     if ident.hub == "modelscope":
-        return _from_modelscope(ident, revision)
-    return _from_huggingface(ident, revision)
+        return _from_modelscope(ident, revision, weights)
+    return _from_huggingface(ident, revision, weights)

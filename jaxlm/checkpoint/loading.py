@@ -20,9 +20,7 @@ from flax import nnx
 from tqdm import tqdm  # plain text bars (tqdm.auto wants ipywidgets in notebooks)
 
 from jaxlm.checkpoint import hf_layout, jaxlm_format, quant_layout
-from jaxlm.checkpoint.hf_reader import is_hf_checkpoint
-from jaxlm.checkpoint.hub import resolve_model_path
-from jaxlm.checkpoint.internevo import is_origin_checkpoint, open_weights
+from jaxlm.checkpoint.source import resolve_source
 from jaxlm.config import InternLM2Config
 from jaxlm.errors import CheckpointError
 from jaxlm.files import atomic_output_dir, copy_if_present, is_main_process
@@ -157,28 +155,22 @@ class _StateFiller:
 
 
 def load_pretrained(cls, path: str, options: ModelOptions | None = None, *, mesh=None, revision=None):
-    """`InternLM2ForCausalLM.from_pretrained`: HF, Origin or jaxlm directory, or a hub id."""
-    path = resolve_model_path(path, revision)
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: not a directory (expected an HF, InternEvo or jaxlm checkpoint, "
-                              f"or a hub id such as internlm/internlm2-chat-7b)")
+    """`InternLM2ForCausalLM.from_pretrained`: HF, Origin or jaxlm directory, or a hub id (`resolve_source`)."""
+    source = resolve_source(path, revision)
+    path = source.path
     stored_quant = {}
-    if jaxlm_format.is_jaxlm_checkpoint(path):
+    if source.kind == "jaxlm":
         config = InternLM2Config.from_pretrained(path)
         marker = jaxlm_format.read_marker(path)
         stored_dtype = marker["param_dtype"]
         if marker.get("quantize") is not None:
             stored_quant = {"quantize": marker["quantize"], "quantize_output": bool(marker.get("quantize_output"))}
         reader = None
-    elif is_hf_checkpoint(path) or is_origin_checkpoint(path):
-        reader = open_weights(path)
+    else:
+        reader = source.weights()
         config = reader.config
         reader.validate()
         stored_dtype = reader.checkpoint_dtype()
-    else:
-        raise CheckpointError(f"{path}: neither an HF checkpoint (model.safetensors, pytorch_model.bin "
-                              f"or an index), an InternEvo one (model_tp0_pp0.pt ...) nor a jaxlm "
-                              f"checkpoint ({jaxlm_format.MARKER})")
     options = _with_stored_quantization(ModelOptions.build(options), stored_quant, path).resolve(stored_dtype)
     model = nnx.eval_shape(lambda: cls(config, options, rngs=nnx.Rngs(0)))
     if mesh is not None:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import time
 
+from jaxlm.checkpoint.source import resolve_source
 from jaxlm.models.causal_lm import InternLM2ForCausalLM
 from jaxlm.tokenizer import InternLM2Tokenizer
 
 
 def add_model_args(parser, required: bool = True):
-    parser.add_argument("--model", required=required, help="HF or jaxlm checkpoint directory")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
+    parser.add_argument("--model", required=required,
+                        help="HF, InternEvo (Origin) or jaxlm checkpoint directory, or a hub id (ORG/NAME[@REV], "
+                             "modelscope:ORG/NAME)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory or hub id (default: --model's files)")
     parser.add_argument("--dtype", default=None, help="compute dtype: float32 or bfloat16 (default: stored)")
     parser.add_argument("--scan-layers", action="store_true", help="stacked layers under lax.scan")
 
@@ -34,8 +37,11 @@ def sampling_kwargs(args) -> dict:
 
 
 def load_model_and_tokenizer(args):
-    tokenizer = InternLM2Tokenizer.from_pretrained(args.tokenizer or args.model)
-    model = InternLM2ForCausalLM.from_pretrained(args.model, dtype=args.dtype, scan_layers=args.scan_layers)
+    """--model (a path or hub id, resolved once) and --tokenizer (default: the model's own directory)."""
+    source = resolve_source(args.model)
+    tokenizer = InternLM2Tokenizer.from_pretrained(args.tokenizer or source.path)
+    model = InternLM2ForCausalLM.from_pretrained(source.path, dtype=args.dtype,
+                                                 scan_layers=getattr(args, "scan_layers", False))
     return model, tokenizer
 
 

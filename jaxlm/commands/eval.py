@@ -9,18 +9,17 @@ import json
 import sys
 
 from jaxlm.cli_util import quiet_runtime_logs, user_errors
+from jaxlm.commands.common import load_model_and_tokenizer
 from jaxlm.eval.needle import build_parser as needle_parser
 from jaxlm.eval.needle import main_args
 from jaxlm.eval.ppl import perplexity, read_text
-from jaxlm.models.causal_lm import InternLM2ForCausalLM
-from jaxlm.tokenizer import InternLM2Tokenizer
 
 
 def build_parser(parser):
     sub = parser.add_subparsers(dest="eval_command", metavar="TASK", required=True)
     ppl = sub.add_parser("ppl", help="sliding-window perplexity of a text file")
-    ppl.add_argument("--model", required=True)
-    ppl.add_argument("--tokenizer", default=None)
+    ppl.add_argument("--model", required=True, help="checkpoint directory or hub id")
+    ppl.add_argument("--tokenizer", default=None, help="tokenizer directory or hub id (default: --model's files)")
     ppl.add_argument("--data", required=True, help="plain text, or JSONL with a 'text' field")
     ppl.add_argument("--context", type=int, required=True, help="window length in tokens")
     ppl.add_argument("--stride", type=int, required=True, help="tokens between window starts")
@@ -38,8 +37,7 @@ def run(args) -> int:
         return main_args(args)
     quiet_runtime_logs()
     with user_errors():
-        model = InternLM2ForCausalLM.from_pretrained(args.model, dtype=args.dtype)
-        tokenizer = InternLM2Tokenizer.from_pretrained(args.tokenizer or args.model)
+        model, tokenizer = load_model_and_tokenizer(args)
         result = perplexity(model, tokenizer.encode(read_text(args.data)), args.context, args.stride, args.chunk)
     if args.json:
         print(json.dumps(result))

@@ -8,14 +8,14 @@ import json
 import os
 
 from jaxlm.checkpoint import jaxlm_format
+from jaxlm.checkpoint.source import model_config
 from jaxlm.cli_util import user_errors
-from jaxlm.config import InternLM2Config
 from jaxlm.options import QUANTIZE_MODES
 from jaxlm.plan import fmt_bytes, weight_bytes
 
 
 def build_parser(parser):
-    parser.add_argument("--model", required=True, help="HF or jaxlm directory, or a preset name")
+    parser.add_argument("--model", required=True, help="HF, InternEvo or jaxlm directory, a hub id, or a preset name")
     parser.add_argument("--quantize", choices=QUANTIZE_MODES, default=None,
                         help="also show the weight bytes with the decoder's matrices quantized")
     parser.add_argument("--json", action="store_true", help="print JSON")
@@ -32,7 +32,7 @@ def _stored(model: str) -> tuple[str, str | None, bool]:
 
 def run(args) -> int:
     with user_errors():
-        cfg = InternLM2Config.from_pretrained(args.model)
+        cfg = model_config(args.model)   # a preset, a directory (Origin ones too) or a hub id
         dtype, mode, head = _stored(args.model)
         if dtype not in ("float32", "bfloat16", "float16"):
             dtype = "bfloat16"

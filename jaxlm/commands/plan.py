@@ -6,8 +6,8 @@
 
 import json
 
+from jaxlm.checkpoint.source import model_config
 from jaxlm.cli_util import quiet_runtime_logs, user_errors
-from jaxlm.config import InternLM2Config
 from jaxlm.options import CONTEXT_ATTENTION, QUANTIZE_MODES, REMAT_POLICIES
 from jaxlm.plan import plan_memory
 
@@ -15,7 +15,7 @@ from jaxlm.plan import plan_memory
 def build_parser(parser):
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", help="a released model's shape (e.g. internlm2-chat-7b)")
-    src.add_argument("--model", help="an HF or jaxlm checkpoint directory (reads its config.json)")
+    src.add_argument("--model", help="an HF, InternEvo or jaxlm checkpoint directory, or a hub id (reads its config)")
     parser.add_argument("--mesh", default="fsdp=1", help="mesh sizes, e.g. fsdp=4,tensor=2 (default: one device)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--context", type=int, default=4096, help="tokens per sequence")
@@ -45,7 +45,7 @@ def build_parser(parser):
 def run(args) -> int:
     quiet_runtime_logs()
     with user_errors():
-        config = InternLM2Config.from_pretrained(args.preset or args.model)
+        config = model_config(args.preset or args.model)
         plan = plan_memory(
             config, mesh=args.mesh, batch=args.batch, context=args.context, train=args.train,
             dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat, lora_rank=args.lora_rank,

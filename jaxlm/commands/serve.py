@@ -19,10 +19,9 @@ import time
 
 import uvicorn
 
-from jaxlm.checkpoint.hub import resolve_model_path
+from jaxlm.checkpoint.source import resolve_source
 from jaxlm.cli_util import quiet_runtime_logs, user_errors
 from jaxlm.commands.common import add_model_args
-from jaxlm.config import InternLM2Config
 from jaxlm.errors import JaxlmError
 from jaxlm.models.causal_lm import InternLM2ForCausalLM
 from jaxlm.options import QUANTIZE_MODES
@@ -134,20 +133,16 @@ class _Server(uvicorn.Server):
 def run(args) -> int:
     quiet_runtime_logs()
     with user_errors():
-        if not os.path.exists(args.model):  # a hub id: served under that name, from its cached snapshot
-            args.served_model_name = args.served_model_name or args.model
-            args.model = resolve_model_path(args.model)
-        if not os.path.isdir(args.model):
-            raise JaxlmError(f"--model: {args.model} is not a directory")
+        source = resolve_source(args.model)   # a hub id is served under that name, from its cached snapshot
         sock = _listen_socket(args.host, args.port)
-        config = InternLM2Config.from_pretrained(args.model)
+        config = source.config()   # an Origin directory's from its shards
         max_model_len = args.max_model_len or config.max_position_embeddings
         default_context = 8 * config.max_position_embeddings
         mesh = make_mesh(args.mesh) if args.mesh else None
         t0 = time.perf_counter()
-        tokenizer = InternLM2Tokenizer.from_pretrained(args.tokenizer or args.model)
+        tokenizer = InternLM2Tokenizer.from_pretrained(args.tokenizer or source.path)
         model = InternLM2ForCausalLM.from_pretrained(
-            args.model, dtype=args.dtype, scan_layers=args.scan_layers, mesh=mesh, quantize=args.quantize,
+            source.path, dtype=args.dtype, scan_layers=args.scan_layers, mesh=mesh, quantize=args.quantize,
             max_context=max_model_len if max_model_len > default_context else None)
         assert max_context(model) >= max_model_len
         batched = args.max_num_batched_tokens or max(256, 2 * args.max_num_seqs)
@@ -155,7 +150,7 @@ def run(args) -> int:
             max_num_seqs=args.max_num_seqs, max_model_len=max_model_len, page_size=args.page_size,
             num_pages=args.num_pages, kv_cache_memory=args.kv_cache_memory, max_num_batched_tokens=batched,
             kv_cache_dtype=args.kv_cache_dtype, enable_prefix_caching=args.enable_prefix_caching))
-        name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+        name = args.served_model_name or source.name
         print(f"jaxlm serve: {name} loaded in {time.perf_counter() - t0:.1f}s; max_model_len {max_model_len}, "
               f"{engine.pool.num_pages - 1} KV pages of {engine.page_size} tokens; compiling...",
               file=sys.stderr, flush=True)
