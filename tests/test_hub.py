@@ -110,7 +110,7 @@ def test_uncached_offline_and_missing_clients_are_clear_errors(offline, monkeypa
         resolve_model_path("internlm/internlm2-chat-7b")
 
 
-def test_tokenizer_and_config_by_hub_id(offline):
+def test_tokenizer_and_config_by_hub_id(offline, capsys):
     """Both come from the id's snapshot (its config and tokenizer files only) and equal the local ones."""
     assert resolve_model_path(CHAT_ID, weights=False) == offline.chat
     by_id, local = InternLM2Tokenizer.from_pretrained(CHAT_ID), InternLM2Tokenizer.from_pretrained(
@@ -121,6 +121,11 @@ def test_tokenizer_and_config_by_hub_id(offline):
     assert InternLM2Config.from_pretrained(CHAT_ID) == InternLM2Config.from_pretrained(str(offline.chat_golden))
     tiny = InternLM2Config.from_json_file(str(offline.golden / "config.json"))
     assert InternLM2Config.from_pretrained(REPO_ID, revision="v1") == model_config(f"{REPO_ID}@v1") == tiny
+    infos = []
+    for model in (CHAT_ID, str(offline.chat_golden)):
+        assert jaxlm_main(["info", "--model", model, "--json"]) == 0
+        infos.append(json.loads(capsys.readouterr().out))
+    assert infos[0] == infos[1] and infos[0]["vocab_size"] == 92544
     source = resolve_source(CHAT_ID)
     assert (source.path, source.kind, source.name) == (offline.chat, "hf", CHAT_ID)
     with pytest.raises(JaxlmError, match=f"{offline.main}: no tokenizer.model found"):

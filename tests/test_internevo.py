@@ -281,6 +281,11 @@ def test_an_origin_dir_is_a_model_source_for_config_info_and_serve(origin, sourc
     assert jaxlm_main(["info", "--model", src, "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert (info["params"], info["layers"], info["intermediate_size"]) == (want.num_params(), 2, 352)
+    plans = []
+    for model in (src, str(sources("tiny_gqa"))):   # the same shapes: the same plan
+        assert jaxlm_main(["plan", "--model", model, "--context", "64", "--json"]) == 0
+        plans.append(json.loads(capsys.readouterr().out))
+    assert plans[0] == plans[1]
 
     # jaxlm serve resolves the config from the shards, then the tokenizer (none here: the next error)
     no_tokenizer = tmp_path / "no_tokenizer"
@@ -486,4 +491,9 @@ def test_existing_destinations_and_bad_splits(origin, golden, tmp_path):
                                       *flags), text)
     assert_one_line_error(run_cli("internevo_to_hf", "--src", golden("tiny_gqa"), "--dst", tmp_path / "o"),
                           "not an InternEvo checkpoint")
+    # argparse's own errors are one line too (the converters' shared command line)
+    assert_one_line_error(run_cli("hf_to_internevo", "--src", golden("tiny_gqa")), "required: --dst")
+    assert_one_line_error(run_cli("hf_to_internevo", "--src", golden("tiny_gqa"), "--dst", tmp_path / "o",
+                                  "--tp", "two"), "argument --tp: invalid int value: 'two'")
+    assert_one_line_error(run_cli("internevo_to_hf", "--dst", tmp_path / "o"), "required: --src")
     assert sorted(os.listdir(tmp_path)) == ["out"]
