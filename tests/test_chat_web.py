@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -310,6 +311,16 @@ def test_chat_web_prints_the_url_and_the_page_is_served_without_the_key(server):
                                 "max_tokens": MAX_MODEL_LEN // 2, "model": CASE, "max_model_len": MAX_MODEL_LEN,
                                 "api_key_required": True}
     assert http_get(server.url + "/v1/models")[0] == 401          # the API itself still wants the key
+
+
+def test_chat_web_port_0_on_an_unusable_host_is_a_one_line_error(golden_dir):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("XLA_FLAGS", None)
+    result = subprocess.run([sys.executable, "-m", "jaxlm", "chat-web", "--model", str(golden_dir), "--host",
+                             "203.0.113.9", "--port", "0"], capture_output=True, text=True, env=env, cwd=REPO,
+                            timeout=WAIT_S)
+    assert result.returncode == 1 and result.stderr.startswith("error: --host: cannot listen on 203.0.113.9") \
+        and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def test_the_page_asks_for_the_key_once_and_starts_from_model_chats_defaults(page):

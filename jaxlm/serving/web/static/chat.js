@@ -206,10 +206,16 @@ async function send() {
     history.push({role: "assistant", content: answer});
     setStats(reply, replyStats(usage, sentAt, firstAt, lastAt));
   } catch (e) {
-    if (e.name === "AbortError") {
+    if (e.name === "AbortError" && answer) {
       // Stopped: the reply so far stays in the conversation, as model.chat would have returned it.
       history.push({role: "assistant", content: answer});
       setStats(reply, "stopped");
+    } else if (e.name === "AbortError") {
+      // stopped before any text: the turn is withdrawn, its text back in the box (unless New chat cleared it)
+      history.pop();
+      question.remove();
+      reply.remove();
+      if (history === state.history && !$("input").value) $("input").value = text;
     } else {
       if (answer) {
         history.push({role: "assistant", content: answer});
