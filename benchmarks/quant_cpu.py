@@ -24,6 +24,7 @@ import argparse
 import os
 import sys
 import tempfile
+import time
 
 import numpy as np
 
@@ -40,8 +41,6 @@ def main():
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "jaxlm-bench-217m-std002"))
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-
-    import time
 
     import torch
 

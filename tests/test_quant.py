@@ -344,22 +344,23 @@ def test_plan_and_info_count_quantized_weight_bytes(medium, mode, tmp_path):
         "error: quantize: a quantized base trains only through LoRA (train='lora'), not 'full'"]
 
 
-def test_cpu_int8_kernel_equals_the_dequantized_matmul(rng):
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_cpu_kernel_equals_the_dequantized_matmul(rng, mode):
     import shutil
 
     from jaxlm.kernels import cpu_int8
     from jaxlm.nn import quant
 
     assert cpu_int8.available() == (shutil.which("g++") is not None or shutil.which("c++") is not None)
-    w = rng.standard_normal((96, 200)).astype(np.float32) * 0.02   # 200: not a multiple of the SIMD width
-    q, s = quant.quantize(w, 1, "int8")
-    exact = quant.dequantize(q, s, 1, "int8").astype(np.float64)
+    # 200 inputs: not a multiple of the SIMD width, and int4 groups of 128 + 72
+    w = rng.standard_normal((96, 200)).astype(np.float32) * 0.02
+    q, s = quant.quantize(w, 1, mode)
+    exact = quant.dequantize(q, s, 1, mode).astype(np.float64)
+    matmul = jax.jit(lambda x: quant.matmul(x, jnp.asarray(q), jnp.asarray(s), mode, jnp.float32))
     for tokens in (1, 5, 16):
         x = rng.standard_normal((tokens, 200)).astype(np.float32)
-        out = jax.jit(lambda x: quant.matmul(x, jnp.asarray(q), jnp.asarray(s), "int8", jnp.float32))(x)
-        np.testing.assert_allclose(np.asarray(out), x.astype(np.float64) @ exact.T, atol=2e-5)
-    g = jax.grad(lambda x: quant.matmul(x, jnp.asarray(q), jnp.asarray(s), "int8", jnp.float32).sum())(x)
+        np.testing.assert_allclose(np.asarray(matmul(x)), x.astype(np.float64) @ exact.T, atol=2e-5)
+    g = jax.grad(lambda x: quant.matmul(x, jnp.asarray(q), jnp.asarray(s), mode, jnp.float32).sum())(x)
     np.testing.assert_allclose(np.asarray(g), np.broadcast_to(exact.sum(0), x.shape), atol=2e-5)
-    program = jax.jit(lambda x: quant.matmul(x, jnp.asarray(q), jnp.asarray(s), "int8", jnp.float32)).lower(
-        x[:1]).as_text()
-    assert (cpu_int8.TARGET in program) == cpu_int8.available()
+    target = cpu_int8.TARGET if mode == "int8" else cpu_int8.TARGET_INT4
+    assert (target in matmul.lower(x[:1]).as_text()) == cpu_int8.available()

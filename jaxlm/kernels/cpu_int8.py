@@ -1,13 +1,13 @@
-"""The CPU fast path of int8 weight-only matmuls: a small C++ kernel through ``jax.ffi``.
+"""The CPU fast path of int8 / int4 weight-only matmuls: a small C++ kernel through ``jax.ffi``.
 
 Why a kernel of our own: XLA:CPU neither fuses an int8 -> float conversion
 into its GEMM (dequantize-then-dot wrote the whole float weight each call:
 5x slower than float32 on the 217M benchmark's decoder matrices) nor runs
 ``dot_general(int8, int8) -> int32`` fast (150 ms/token against 17 ms for
 float32: a naive loop). Cache-sized row blocks (`jaxlm.nn.quant`) reached
-only 0.86x float32. `cpu_int8_matmul.cc` reads each int8 weight once and
-widens it in registers (AVX-512 when the machine has it), so a decode step
-reads a quarter of float32's bytes.
+only 0.86x float32. `cpu_int8_matmul.cc` reads each int8 (or packed int4)
+weight once and widens it in registers (AVX-512 when the machine has it), so
+a decode step reads a quarter (an eighth) of float32's bytes.
 
 It is compiled on first use with the system's C++ compiler into a cache
 directory (``$JAXLM_CACHE`` or ``~/.cache/jaxlm``), keyed by the source and
@@ -29,11 +29,13 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 log = logging.getLogger("jaxlm.kernels")
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_int8_matmul.cc")
 TARGET = "jaxlm_int8_matmul"
+TARGET_INT4 = "jaxlm_int4_matmul"
 MAX_TOKENS = 16   # rows of x up to which the kernel beats XLA (decode, small batches)
 
 
@@ -70,6 +72,7 @@ def available() -> bool:
     try:
         lib = ctypes.cdll.LoadLibrary(_build())
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxlmInt8Matmul), platform="cpu")
+        jax.ffi.register_ffi_target(TARGET_INT4, jax.ffi.pycapsule(lib.JaxlmInt4Matmul), platform="cpu")
     except Exception as e:  # a missing compiler or headers: the XLA path still works
         log.warning("the CPU int8 matmul kernel is unavailable, using XLA's path: %s", e)
         return False
@@ -81,3 +84,11 @@ def int8_matmul(x2: jax.Array, q2: jax.Array, scale: jax.Array) -> jax.Array:
     out = jax.ShapeDtypeStruct((x2.shape[0], q2.shape[0]), jnp.float32)
     return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(
         x2.astype(jnp.float32), q2, scale.astype(jnp.float32))
+
+
+def int4_matmul(x2: jax.Array, q2: jax.Array, scale: jax.Array, group: int) -> jax.Array:
+    """``x2 [T, I] . dequant(q2 [O, I] int4, scale [O, groups])^T`` -> ``[T, O]`` float32; ``I`` and
+    ``group`` even (a row then starts on a byte)."""
+    out = jax.ShapeDtypeStruct((x2.shape[0], q2.shape[0]), jnp.float32)
+    return jax.ffi.ffi_call(TARGET_INT4, out, vmap_method="sequential")(
+        x2.astype(jnp.float32), q2, scale.astype(jnp.float32), group=np.int64(group))

@@ -30,6 +30,7 @@ with ``xp=jax.numpy`` quantizes a freshly initialized model.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -133,27 +134,31 @@ def _cpu_block_rows(rows: int, in_size: int) -> int | None:
     return next((r for r in range(target, MIN_CPU_BLOCK_ROWS - 1, -1) if rows % r == 0), None)
 
 
-@jax.custom_vjp
-def _kernel_matmul(x2, q2, s2):
-    return cpu_int8.int8_matmul(x2, q2, s2)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _kernel_matmul(x2, q2, s2, mode):
+    if mode == "int8":
+        return cpu_int8.int8_matmul(x2, q2, s2)
+    return cpu_int8.int4_matmul(x2, q2, s2, groups(q2.shape[1])[0])
 
 
-def _kernel_fwd(x2, q2, s2):
-    return _kernel_matmul(x2, q2, s2), (q2, s2)
+def _kernel_fwd(x2, q2, s2, mode):
+    return _kernel_matmul(x2, q2, s2, mode), (q2, s2)
 
 
-def _kernel_bwd(res, g):   # d/dx only: the int values and their scales are frozen (QLoRA trains adapters)
+def _kernel_bwd(mode, res, g):   # d/dx only: the int values and scales are frozen (QLoRA trains adapters)
     q2, s2 = res
-    return jax.lax.dot_general(g * s2, q2.astype(g.dtype), (((1,), (0,)), ((), ()))), None, None
+    w = q2.astype(g.dtype) * (s2[:, None] if mode == "int8" else _expand_groups(s2, q2.shape[1], jnp))
+    return jax.lax.dot_general(g, w, (((1,), (0,)), ((), ()))), None, None
 
 
 _kernel_matmul.defvjp(_kernel_fwd, _kernel_bwd)
 
 
-def _use_cpu_kernel(x2, mode: str) -> bool:
-    """int8 with few tokens on one CPU device (a custom call does not partition over a mesh)."""
+def _use_cpu_kernel(x2, in_size: int) -> bool:
+    """Few tokens on one CPU device (a custom call does not partition over a mesh); int4 rows must
+    start on a byte (an even input size)."""
     sizes = active_mesh_axes()
-    return (jax.default_backend() == "cpu" and mode == "int8" and x2.shape[0] <= cpu_int8.MAX_TOKENS
+    return (jax.default_backend() == "cpu" and x2.shape[0] <= cpu_int8.MAX_TOKENS and in_size % 2 == 0
             and all(v == 1 for v in sizes.values()) and cpu_int8.available())
 
 
@@ -165,14 +170,14 @@ def matmul(x2, q2, s2, mode: str, dtype):
     matmul's operand read, so the int values are what crosses the memory bus
     and no float copy of the weight exists. XLA:CPU does not fuse it (it
     writes the whole float weight, then runs its GEMM: 5x slower than
-    float32), so on CPU int8 decoding runs a C++ kernel that reads each int8
+    float32), so on CPU decoding runs a C++ kernel that reads each int8 / int4
     weight once (`jaxlm.kernels.cpu_int8`), and everything else a scan over
     blocks of rows, each dequantized into a cache-sized temporary and
     multiplied at once. ``s2`` is ``[O]`` (int8) or ``[O, groups]`` (int4).
     """
     rows, in_size = q2.shape
-    if _use_cpu_kernel(x2, mode):
-        return _kernel_matmul(x2.astype(jnp.float32), q2, s2.astype(jnp.float32)).astype(dtype)
+    if _use_cpu_kernel(x2, in_size):
+        return _kernel_matmul(x2.astype(jnp.float32), q2, s2.astype(jnp.float32), mode).astype(dtype)
     block = _cpu_block_rows(rows, in_size) if jax.default_backend() == "cpu" else None
     if block is None:
         return _block_product(x2, q2, s2, mode, dtype)
