@@ -205,6 +205,8 @@ def test_int8_kv_pages_give_the_int8_cache_generate_results(make_hf_checkpoint, 
     eng = Engine(int8, tokenizer, SMALL)
     assert jax.tree.leaves(eng.kv)[0].dtype == jnp.int8
     eng.warmup()
+    before = engine_lib.compile_count()     # a fresh engine: its first steps compile nothing either
     short = [p[:40] for p in prompts]
     got = run(eng, [(p, SamplingParams(max_tokens=8, **GREEDY)) for p in short])
+    assert engine_lib.compile_count() == before
     assert [r["tokens"] for r in got] == [generate_alone(int8, p, 8) for p in short]

@@ -157,15 +157,16 @@ class Engine:
         pool = functools.partial(kv_cache.empty_pages, num_pages, self.page_size, cfg.num_key_value_heads,
                                  cfg.head_dim, self.cache_dtype)
         # Built by a compiled call under the model's mesh, so the pool is born with its
-        # sharding (kv heads over the tensor axis) and committed, as every step returns it:
-        # jit keys committed and uncommitted arguments apart, so otherwise each program
-        # would compile twice.
+        # sharding (kv heads over the tensor axis); then committed to it, as every step
+        # returns it committed (an argument-less jit's outputs are not): jit keys committed
+        # and uncommitted arguments apart, so otherwise each program would compile twice.
         with mesh_context(self.mesh):
             if model.options.scan_layers:
-                self.kv = jax.jit(lambda: pool(layers=layers))()
+                kv = jax.jit(lambda: pool(layers=layers))()
             else:
-                self.kv = [jax.jit(pool)() for _ in range(layers)]
-            self.seen = jax.jit(lambda: constrain(jnp.zeros((R, V), bool), ACT["replicated"]))()
+                kv = [jax.jit(pool)() for _ in range(layers)]
+            seen = jax.jit(lambda: constrain(jnp.zeros((R, V), bool), ACT["replicated"]))()
+        self.kv, self.seen = jax.tree.map(lambda x: jax.device_put(x, x.sharding), (kv, seen))
         self.slots: list[_Request | None] = [None] * R
         self.waiting: deque[_Request] = deque()
         self.requests: dict[str, _Request] = {}
