@@ -94,7 +94,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, k_scale=None, v_scale=None
         out, lse = _decode_tpu(q, k_cache, v_cache, k_scale, v_scale, lengths, scale, bk, split, interpret)
     else:
         bk = min(bk, max(16, pl.next_power_of_2(S)))
-        split = max(bk, round_up(split or sizes.decode_split, bk))
+        split = min(max(bk, round_up(split or sizes.decode_split, bk)), round_up(S, bk))   # a short cache: 1 split
         out, lse = _decode_gpu(q, k_cache, v_cache, k_scale, v_scale, lengths, scale, bk, split, interpret)
     return (out, lse) if return_lse else out.astype(q.dtype)
 
@@ -102,18 +102,21 @@ def decode_attention(q, k_cache, v_cache, lengths, *, k_scale=None, v_scale=None
 # ------------------------------------------------------------------------ GPU
 def gpu_attend_blocks(q, length, start, max_blocks, load, *, scale, block_k, precision):
     """Online softmax of ``q [Gp, D]`` over the key blocks from slot ``start`` below ``length`` (at most
-    ``max_blocks``); ``load(j, first)`` gives block j's ``(k, v [bk, D], k_scale, v_scale [1, bk] or None)``."""
+    ``max_blocks``); ``load(j, first)`` gives block j's ``(k, v [bk, D], k_scale, v_scale [1, bk] or None,
+    slot of its first row)``: a block may be read from an earlier slot (so it ends inside the cache), and
+    the keys before ``first`` are then masked, having been counted by the previous block."""
     blocks = jnp.clip(lax.div(length - start + block_k - 1, block_k), 0, max_blocks)
 
     def body(j, carry):
         acc, m, l = carry
         first = start + j * block_k
-        k, v, ks, vs = load(j, first)
+        k, v, ks, vs, loaded = load(j, first)
         s = lax.dot_general(q, k.astype(q.dtype), (((1,), (1,)), ((), ())), precision=precision,
                             preferred_element_type=jnp.float32) * scale          # [Gp, bk]
         if ks is not None:
             s = s * ks
-        s = jnp.where((first + jnp.arange(block_k) < length)[None, :], s, MASK_VALUE)
+        slot = loaded + jnp.arange(block_k)
+        s = jnp.where(((slot >= first) & (slot < length))[None, :], s, MASK_VALUE)
         m_new = jnp.maximum(m, s.max(axis=-1))
         p = jnp.exp(s - m_new[:, None])
         correction = jnp.exp(m - m_new)
@@ -146,11 +149,13 @@ def gpu_params(interpret):
 def _gpu_kernel(len_ref, q_ref, k_ref, v_ref, *refs, scale, block_k, split, precision, quantized):
     ks_ref, vs_ref, o_ref, lse_ref = refs if quantized else (None, None) + refs
     b, s_i = pl.program_id(0), pl.program_id(2)
+    slots = k_ref.shape[0]
 
-    def load(j, first):
-        keys = pl.ds(first, block_k)
+    def load(j, first):  # the cache is not padded to the blocks: the last one is read ending at its end
+        loaded = jnp.minimum(first, slots - block_k) if slots % block_k else first
+        keys = pl.ds(loaded, block_k)
         scales = (ks_ref[keys][None, :], vs_ref[keys][None, :]) if quantized else (None, None)
-        return (k_ref[keys, :], v_ref[keys, :]) + scales
+        return (k_ref[keys, :], v_ref[keys, :]) + scales + (loaded,)
 
     acc, m, l = gpu_attend_blocks(q_ref[...], len_ref[b], s_i * split, split // block_k, load, scale=scale,
                                   block_k=block_k, precision=precision)
@@ -168,16 +173,17 @@ def _decode_gpu(q, k_cache, v_cache, k_scale, v_scale, lengths, scale, block_k, 
     B, Hq, D = q.shape
     S, Hkv = k_cache.shape[1], k_cache.shape[2]
     quantized = k_scale is not None
-    S_pad = round_up(S, split)
-    n_splits = S_pad // split
+    # Read in place: only a cache shorter than one block is padded (padding copies the whole cache).
+    S_in = max(S, block_k)
+    n_splits = -(-S_in // split)
     qg = gpu_group_queries(q, Hkv)
     Gp = qg.shape[2]
-    caches = [pad_axis(x, 1, S_pad) for x in (k_cache, v_cache) + ((k_scale, v_scale) if quantized else ())]
+    caches = [pad_axis(x, 1, S_in) for x in (k_cache, v_cache) + ((k_scale, v_scale) if quantized else ())]
     lens = pad_axis(lengths, 0, max(16, pl.next_power_of_2(B)))
     kernel = functools.partial(_gpu_kernel, scale=scale, block_k=block_k, split=split,
                                precision=dot_precision(q.dtype), quantized=quantized)
-    cache_spec = pl.BlockSpec((None, S_pad, None, D), lambda b, h, s: (b, 0, h, 0))
-    scale_spec = pl.BlockSpec((None, S_pad, None), lambda b, h, s: (b, 0, h))
+    cache_spec = pl.BlockSpec((None, S_in, None, D), lambda b, h, s: (b, 0, h, 0))
+    scale_spec = pl.BlockSpec((None, S_in, None), lambda b, h, s: (b, 0, h))
     o_parts, lse_parts = pallas_call(
         kernel,
         grid=(B, Hkv, n_splits),

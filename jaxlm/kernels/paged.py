@@ -108,8 +108,8 @@ def _gpu_kernel(len_ref, table_ref, q_ref, k_ref, v_ref, *refs, scale, page, per
         k = k_ref[pages].reshape(block_k, k_ref.shape[-1])
         v = v_ref[pages].reshape(block_k, v_ref.shape[-1])
         if not quantized:
-            return k, v, None, None
-        return k, v, ks_ref[pages].reshape(1, block_k), vs_ref[pages].reshape(1, block_k)
+            return k, v, None, None, first
+        return k, v, ks_ref[pages].reshape(1, block_k), vs_ref[pages].reshape(1, block_k), first
 
     acc, m, l = gpu_attend_blocks(q_ref[...], len_ref[b], s_i * per_split * page, per_split // per_block, load,
                                   scale=scale, block_k=block_k, precision=precision)
