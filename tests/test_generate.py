@@ -7,6 +7,7 @@ import pytest
 
 from jaxlm import InternLM2ForCausalLM, JaxlmError
 from jaxlm.runtime import engine
+from jaxlm.runtime.sampling import top_k_filter, top_p_filter
 from jaxlm.runtime.generate import chat_inputs
 from jaxlm.tokenizer import InternLM2Tokenizer
 
@@ -205,3 +206,37 @@ def test_bad_chat_arguments(chat_case):
             model.chat(tok, query)
     with pytest.raises(ValueError, match="top_p"):
         model.chat(tok, "hello", top_p=2.0)
+
+
+def _hf_top_p(logits, p):
+    """HF's TopPLogitsWarper, in numpy: sort ascending, drop the tail with cumulative mass <= 1 - p."""
+    out = logits.copy()
+    for b, row in enumerate(logits):
+        order = np.argsort(row, kind="stable")
+        e = np.exp(row[order] - row.max())
+        drop = np.cumsum(e / e.sum()) <= 1 - p[b]
+        drop[-1] = False
+        out[b, order[drop]] = -np.inf
+    return out
+
+
+def _hf_top_k(logits, k):
+    out = logits.copy()
+    for b, row in enumerate(logits):
+        out[b, row < np.sort(row)[::-1][k[b] - 1]] = -np.inf
+    return out
+
+
+@pytest.mark.parametrize("vocab,scale", [(92544, 3.0), (512, 10.0), (64, 0.01)])
+def test_top_k_and_top_p_keep_what_hf_keeps(rng, vocab, scale):
+    logits = (rng.normal(size=(6, vocab)) * scale).astype(np.float32)
+    logits[1, : vocab // 2] = -np.inf                     # already filtered (top-k before top-p)
+    logits[2, :8] = logits[2].max()                       # ties at the top
+    p = np.asarray([0.8, 0.5, 0.95, 0.01, 1.0, 0.3], np.float32)
+    k = np.asarray([1, 5, 50, vocab, 3, 2])
+    got_p = np.asarray(top_p_filter(logits, p[:, None]))
+    got_k = np.asarray(top_k_filter(logits, k))
+    np.testing.assert_array_equal(np.isinf(got_p), np.isinf(_hf_top_p(logits, p)))
+    np.testing.assert_array_equal(np.isinf(got_k), np.isinf(_hf_top_k(logits, k)))
+    kept = ~np.isinf(got_p)
+    np.testing.assert_array_equal(got_p[kept], logits[kept])  # kept logits unchanged
