@@ -234,13 +234,22 @@ def test_quantize_cli_and_quantized_checkpoints(golden, tmp_path):
     assert result.returncode != 0 and "--overwrite" in result.stderr
     result = convert("--src", small, "--dst", str(out), "--bits", "8", "--overwrite")
     assert result.returncode == 0 and InternLM2ForCausalLM.from_pretrained(str(out)).options.quantize == "int8"
+    # a float jaxlm checkpoint as the source gives the same int values as quantizing the HF one on the fly
+    from jaxlm.checkpoint.convert import hf_to_jaxlm
+    from jaxlm.checkpoint.quantized import quantize_checkpoint
+
+    hf_to_jaxlm(small, str(tmp_path / "float"))
+    quantize_checkpoint(str(tmp_path / "float"), str(tmp_path / "from_jaxlm"), mode="int4")
+    small_ids = np.load(golden("tiny_gqa") / "golden.npz")["input_ids"]
+    np.testing.assert_array_equal(
+        np.asarray(InternLM2ForCausalLM.from_pretrained(str(tmp_path / "from_jaxlm"))(small_ids)),
+        np.asarray(InternLM2ForCausalLM.from_pretrained(small, quantize="int4")(small_ids)))
     # jaxlm_to_hf of a quantized checkpoint writes full precision (the dequantized weights)
     from jaxlm.checkpoint.convert import jaxlm_to_hf
 
     jaxlm_to_hf(str(out), str(tmp_path / "hf"))
     back = InternLM2ForCausalLM.from_pretrained(str(tmp_path / "hf"))
     assert back.options.quantize is None and back.model.layers[0].attention.wo.kernel[...].dtype == jnp.float32
-    small_ids = np.load(golden("tiny_gqa") / "golden.npz")["input_ids"]
     np.testing.assert_allclose(np.asarray(back(small_ids)),
                                np.asarray(InternLM2ForCausalLM.from_pretrained(str(out))(small_ids)), atol=1e-4)
 
