@@ -18,7 +18,7 @@ from typing import Sequence
 from tqdm.auto import tqdm
 
 from jaxlm.chat import DEFAULT_META_INSTRUCTION
-from jaxlm.config import InternLM2Config
+from jaxlm.checkpoint.source import resolve_source
 from jaxlm.errors import JaxlmError
 from jaxlm.models.causal_lm import InternLM2ForCausalLM
 from jaxlm.serving.engine import Engine, EngineConfig
@@ -172,10 +172,8 @@ def pipeline(model_dir_or_model, tokenizer=None, *, dtype: str | None = None, sc
     if unknown:
         raise JaxlmError(f"pipeline: unknown engine option(s) {unknown}; expected {_ENGINE_FIELDS}")
     if isinstance(model_dir_or_model, (str, os.PathLike)):
-        path = os.fspath(model_dir_or_model)
-        if not os.path.isdir(path):
-            raise JaxlmError(f"pipeline: {path} is not a checkpoint directory")
-        config = InternLM2Config.from_pretrained(path)
+        source = resolve_source(os.fspath(model_dir_or_model))    # a directory (HF, Origin, jaxlm) or hub id
+        path, config = source.path, source.config()
         wanted = engine_options.get("max_model_len")
         too_long = wanted is not None and wanted > 8 * config.max_position_embeddings
         model = InternLM2ForCausalLM.from_pretrained(path, dtype=dtype, scan_layers=scan_layers,
