@@ -258,7 +258,9 @@ def tpu_kernel(*refs, scale, block_k, blocks_per_split, precision, prefetch, qua
         correction = jnp.exp(m_prev - m_new)
         l_sc[...] = jnp.broadcast_to(l_prev * correction + p.sum(axis=1, keepdims=True), l_sc.shape)
         m_sc[...] = jnp.broadcast_to(m_new, m_sc.shape)
-        pv = p * per_row(vs_ref) if quantized else p
+        pv = jnp.where(k_pos < length, p * per_row(vs_ref), 0.0) if quantized else p
+        # rows past the length may be a partial edge block's unspecified memory (NaN * 0 is NaN)
+        v = jnp.where(lax.broadcasted_iota(jnp.int32, v.shape, 0) < length - first, v, 0)
         acc_sc[...] = acc_sc[...] * correction + lax.dot_general(
             pv.astype(dtype), v, (((1,), (0,)), ((), ())), precision=precision,
             preferred_element_type=jnp.float32)
@@ -325,12 +327,13 @@ def tpu_call(q, caches, *, index_map, prefetch, n_splits, per_split, block_k, sc
 
 
 def _decode_tpu(q, k_cache, v_cache, k_scale, v_scale, lengths, scale, block_k, split, interpret):
+    # Read in place: the last block may run past the cache's end (a partial edge block, masked),
+    # so the cache is never padded (padding copies all of it).
     B, S, Hkv, D = k_cache.shape
-    S_pad = round_up(S, split)
-    n_splits, per_split = S_pad // split, split // block_k
-    caches = [pad_axis(k_cache, 1, S_pad).reshape(B, S_pad, Hkv * D), pad_axis(v_cache, 1, S_pad).reshape(
-        B, S_pad, Hkv * D)] + ([pad_axis(k_scale, 1, S_pad), pad_axis(v_scale, 1, S_pad)] if k_scale is not None
-                               else [])
+    per_split = split // block_k
+    n_splits = -(-S // split)
+    caches = [k_cache.reshape(B, S, Hkv * D), v_cache.reshape(B, S, Hkv * D)] + (
+        [k_scale, v_scale] if k_scale is not None else [])
 
     def kv_map(b, s, j, lens):  # blocks past the length re-use the last needed one: no copy
         last = jnp.maximum(lax.div(lens[b] + block_k - 1, block_k) - 1, 0)
