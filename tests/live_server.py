@@ -29,6 +29,17 @@ ENGINE_ARGS = ["--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--p
                "--max-num-batched-tokens", "16", "--max-num-seqs", "4"]
 
 
+def wait_for(predicate, timeout=10.0, interval=0.05):
+    """The predicate's first true value within ``timeout`` seconds, else its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

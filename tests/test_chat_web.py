@@ -40,7 +40,7 @@ from jaxlm.chat import DEFAULT_META_INSTRUCTION
 from jaxlm.serving.server import encode_chat
 
 from conftest import REPO, require_shared
-from live_server import CASE, ENGINE_ARGS, MAX_MODEL_LEN, LiveServer, free_port
+from live_server import CASE, ENGINE_ARGS, MAX_MODEL_LEN, LiveServer, free_port, wait_for
 
 API_KEY = "s3cret-page-key"
 WAIT_S = 60           # any one reply
@@ -109,17 +109,6 @@ def http_get(url, headers=None) -> tuple[int, str]:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
-
-
-def wait_for(predicate, timeout=10.0, interval=0.05):
-    """The predicate's first true value within ``timeout`` seconds, else its last value."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
 
 
 def metrics(server) -> dict[str, float]:

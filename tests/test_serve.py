@@ -38,7 +38,7 @@ from jaxlm.serving.params import SamplingParams
 from jaxlm.serving.server import chat_messages, encode_chat, parse_reply
 
 from conftest import REPO, require_shared
-from live_server import CASE, ENGINE_ARGS, MAX_MODEL_LEN, LiveServer
+from live_server import CASE, ENGINE_ARGS, MAX_MODEL_LEN, LiveServer, wait_for
 
 MAX_QUEUE = 2
 TIMEOUT = 60          # seconds, any one request
@@ -123,16 +123,6 @@ def metrics(server) -> dict[str, float]:
         if m:
             out[m.group(1)] = float(m.group(2))
     return out
-
-
-def wait_for(predicate, timeout=10.0, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
 
 
 def greedy(**kw):
