@@ -10,7 +10,7 @@ their dtype. ``InternLM2ForCausalLM.from_pretrained(OUT)`` loads it quantized.
 import argparse
 import sys
 
-from jaxlm.cli_util import quiet_runtime_logs, user_errors
+from jaxlm.cli_util import one_line_usage_errors, quiet_runtime_logs, user_errors
 
 
 def build_parser(parser=None):
@@ -22,13 +22,7 @@ def build_parser(parser=None):
     parser.add_argument("--bits", required=True, metavar="{8,4}", help="8 (int8) or 4 (int4)")
     parser.add_argument("--quantize-output", action="store_true", help="quantize the output head too")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --dst")
-
-    def one_line_error(message):   # one line on stderr, as jaxlm's other errors (cli_util)
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-    parser.error = one_line_error
-    return parser
+    return one_line_usage_errors(parser)
 
 
 def run(args) -> int:

@@ -25,6 +25,17 @@ def user_errors():
         raise SystemExit(130) from None
 
 
+def one_line_usage_errors(parser):
+    """Makes argparse's usage errors one line on stderr (``error: ...``, exit 2), like jaxlm's other
+    errors, instead of its usage line plus the message."""
+    def error(message):
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+    parser.error = error
+    return parser
+
+
 def quiet_runtime_logs() -> None:
     """Keeps absl/TensorStore INFO chatter off the terminal of CLI users."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

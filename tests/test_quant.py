@@ -197,11 +197,16 @@ def test_sharded_quantized_logits_equal_single_device(golden, mode):
 
 
 # --------------------------------------------------------------- checkpoints
-def convert(*args):
+def python_m(module, *args):
+    """``python -m module args`` on one device, as a user runs it."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
     env.pop("XLA_FLAGS", None)
-    return subprocess.run([sys.executable, "-m", "checkpoints_convert.quantize", *args], capture_output=True,
-                          text=True, cwd=REPO, env=env, timeout=300)
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=REPO,
+                          env=env, timeout=300)
+
+
+def convert(*args):
+    return python_m("checkpoints_convert.quantize", *args)
 
 
 def test_quantize_cli_and_quantized_checkpoints(golden, tmp_path):
@@ -341,14 +346,9 @@ def test_plan_and_info_count_quantized_weight_bytes(medium, mode, tmp_path):
     assert planned.params == device_bytes(nnx.state(model, nnx.Param))
     assert planned.params < plan_memory(config, dtype="float32", param_dtype="float32", context=64).params
     model.save_pretrained(str(tmp_path / "q"))
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    env.pop("XLA_FLAGS", None)
-    out = subprocess.run([sys.executable, "-m", "jaxlm", "info", "--model", str(tmp_path / "q"), "--json"],
-                         capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
-    info = json.loads(out.stdout)
+    info = json.loads(python_m("jaxlm", "info", "--model", str(tmp_path / "q"), "--json").stdout)
     assert info["quantize"] == mode and info["weight_bytes"] == planned.params
-    bad = subprocess.run([sys.executable, "-m", "jaxlm", "plan", "--model", medium, "--quantize", mode,
-                          "--train", "full"], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    bad = python_m("jaxlm", "plan", "--model", medium, "--quantize", mode, "--train", "full")
     assert bad.returncode != 0 and bad.stderr.strip().splitlines() == [
         "error: quantize: a quantized base trains only through LoRA (train='lora'), not 'full'"]
 

@@ -92,12 +92,12 @@ def main():
         pct = 100 * r["weight_bytes"] / (r["ms_per_step"] / 1e3) / bandwidth
         lines.append(f"{r['weights']:>9} {r['batch']:>5} | {r['tokens_per_s']:8.1f} {r['ms_per_step']:8.2f} | "
                      f"{ratio:6.2f}x | {r['weight_bytes'] / 1e9:7.2f} {pct:4.0f}%")
-    summary = "\n".join(lines)
-    print(summary)
-    with open(os.path.join(args.out, "quant_decode.json"), "w") as f:
-        json.dump({"rows": rows, "copy_bandwidth": bandwidth, "dry_run": dry}, f, indent=1)
-    with open(os.path.join(args.out, "quant_decode_summary.txt"), "w") as f:
-        f.write(summary + "\n")
+    print("\n".join(lines))
+    for name, text in (("quant_decode.json", json.dumps({"rows": rows, "copy_bandwidth": bandwidth,
+                                                          "dry_run": dry}, indent=1)),
+                       ("quant_decode_summary.txt", "\n".join(lines))):
+        with open(os.path.join(args.out, name), "w") as f:
+            f.write(text + "\n")
     return 0
 
 

@@ -20,7 +20,7 @@ import time
 import uvicorn
 
 from jaxlm.checkpoint.source import resolve_source
-from jaxlm.cli_util import quiet_runtime_logs, user_errors
+from jaxlm.cli_util import one_line_usage_errors, quiet_runtime_logs, user_errors
 from jaxlm.commands.common import add_model_args
 from jaxlm.errors import JaxlmError
 from jaxlm.models.causal_lm import InternLM2ForCausalLM
@@ -95,13 +95,7 @@ def build_parser(parser):
     parser.add_argument("--max-queue", type=_non_negative_int, default=256,
                         help="requests that may wait for a slot; beyond them the server answers 429 (default 256)")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
-
-    def one_line_error(message):   # one line on stderr, as jaxlm's other errors (cli_util), not argparse's usage
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-    parser.error = one_line_error
-    return parser
+    return one_line_usage_errors(parser)
 
 
 def _listen_socket(host: str, port: int) -> socket.socket:
