@@ -23,6 +23,7 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -43,9 +44,20 @@ def _cache_dir() -> str:
     return os.environ.get("JAXLM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxlm"))
 
 
+def _cpu_flags() -> bytes:
+    """The CPU's feature flags: the library is built with -march=native, so a shared cache must not
+    hand it to another kind of machine."""
+    try:
+        with open("/proc/cpuinfo", "rb") as f:
+            return next((line for line in f if line.startswith(b"flags")), b"")
+    except OSError:
+        return platform.processor().encode()
+
+
 def _build() -> str:
     with open(SOURCE, "rb") as f:
-        key = hashlib.sha256(f.read() + jax.__version__.encode()).hexdigest()[:16]
+        key = hashlib.sha256(f.read() + jax.__version__.encode() + platform.machine().encode()
+                             + _cpu_flags()).hexdigest()[:16]
     lib = os.path.join(_cache_dir(), f"cpu_int8_matmul-{key}.so")
     if os.path.isfile(lib):
         return lib
