@@ -37,7 +37,7 @@ except ImportError:
 
 from jaxlm import InternLM2Tokenizer
 from jaxlm.chat import DEFAULT_META_INSTRUCTION
-from jaxlm.serving.server import encode_chat
+from jaxlm.serving.protocol import encode_chat
 
 from conftest import REPO, require_shared
 from live_server import CASE, ENGINE_ARGS, MAX_MODEL_LEN, LiveServer, free_port, wait_for

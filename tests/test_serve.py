@@ -35,7 +35,7 @@ from jaxlm.chat import DEFAULT_META_INSTRUCTION, format_tool_call, render_messag
 from jaxlm.runtime.generate import chat_inputs
 from jaxlm.serving.loop import AsyncEngine, EngineClosedError, QueueFullError
 from jaxlm.serving.params import SamplingParams
-from jaxlm.serving.server import chat_messages, encode_chat, parse_reply
+from jaxlm.serving.protocol import chat_messages, encode_chat, parse_reply
 
 from conftest import REPO, require_shared
 from live_server import CASE, ENGINE_ARGS, MAX_MODEL_LEN, LiveServer, wait_for

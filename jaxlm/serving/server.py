@@ -7,14 +7,8 @@ OpenAI's fields plus vLLM's ``top_k``, ``repetition_penalty``, ``ignore_eos``,
 ``stop_token_ids`` and ``skip_special_tokens``; errors come in OpenAI's shape
 ``{"error": {"message", "type", "param", "code"}}``.
 
-Chat messages are rendered with InternLM2's chatml exactly as ``model.chat``
-renders its prompt (`jaxlm.chat.render_messages` after BOS; a system turn
-only when a system message is given), and chat replies stop at eos and
-``<|im_end|>``. ``tools`` become InternLM2's plugin system turn
-(``<|im_start|>system name=<|plugin|>`` holding the functions as JSON, after
-the first system message, as LMDeploy renders them); a reply holding
-``<|action_start|><|plugin|>`` is parsed with `jaxlm.chat.parse_tool_call` and
-returned as ``tool_calls``.
+The protocol itself (request schemas, errors, chat rendering, tool calls,
+logprobs) is `jaxlm.serving.protocol`; this module is the app around the engine.
 """
 
 from __future__ import annotations
@@ -24,238 +18,25 @@ import contextlib
 import hmac
 import json
 import logging
-import re
 import time
 import uuid
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from jaxlm.chat import format_tool_call, parse_tool_call
-from jaxlm.errors import JaxlmError
 from jaxlm.serving.loop import AsyncEngine, EngineClosedError, EngineFailedError, QueueFullError, RequestStream
 from jaxlm.serving.metrics import ServerMetrics
 from jaxlm.serving.params import MAX_TOP_LOGPROBS, RequestError, SamplingParams
+from jaxlm.serving.protocol import (APIError, ChatRequest, CommonFields, CompletionRequest, Tokens, bad_param,
+                                    chat_logprobs, completion_logprobs, encode_chat, error_body, error_response,
+                                    parse_reply)
 from jaxlm.serving.web import add_chat_page
 
 log = logging.getLogger("jaxlm.serving")
 
-CHAT_ROLES = ("system", "user", "assistant", "tool", "environment")
 DISCONNECT_POLL_S = 0.25   # how often a non-streaming request checks that its client is still there
-
-
-# ------------------------------------------------------------------ errors
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-
-def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
-               code: str | int | None = None) -> dict:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-def _error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status)
-
-
-def _bad(param: str, message: str) -> APIError:
-    return APIError(400, f"{param}: {message}", param=param)
-
-
-# ---------------------------------------------------------------- requests
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")   # unknown OpenAI fields are accepted and ignored
-
-    model: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    n: int | None = None
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
-    # vLLM's extensions
-    top_k: int | None = None
-    repetition_penalty: float | None = None
-    ignore_eos: bool | None = False
-    stop_token_ids: list[int] | None = None
-    skip_special_tokens: bool | None = True
-    return_token_ids: bool | None = False   # each choice also carries prompt_token_ids and token_ids
-
-
-class CompletionRequest(_Common):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    logprobs: int | None = None
-    echo: bool | None = False
-    suffix: str | None = None
-    best_of: int | None = None
-
-
-class ChatRequest(_Common):
-    messages: list[Any]
-    logprobs: bool | None = False
-    top_logprobs: int | None = None
-    max_completion_tokens: int | None = None
-    tools: list[Any] | None = None
-    tool_choice: str | dict | None = None
-
-
-# ------------------------------------------------------------- chat format
-def _content_text(content, i: int, role: str) -> str:
-    if content is None:
-        if role == "assistant":
-            return ""
-        raise _bad("messages", f"messages[{i}]: a {role} message needs 'content'")
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise _bad("messages", f"messages[{i}]: only text content parts are supported, got {part!r:.80}")
-            parts.append(part["text"])
-        return "".join(parts)
-    raise _bad("messages", f"messages[{i}]: 'content' must be a string or a list of text parts")
-
-
-def tools_message(tools) -> dict:
-    """InternLM2's plugin system turn for OpenAI ``tools`` (the functions as one JSON list)."""
-    functions = []
-    for i, tool in enumerate(tools):
-        fn = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(fn, dict) \
-                or not isinstance(fn.get("name"), str):
-            raise _bad("tools", f"tools[{i}]: expected {{'type': 'function', 'function': {{'name': ..., ...}}}}")
-        functions.append(fn)
-    return {"role": "system", "name": "plugin", "content": json.dumps(functions, ensure_ascii=False)}
-
-
-def chat_messages(messages, tools=None, tool_choice=None) -> list[dict]:
-    """OpenAI messages -> the messages `jaxlm.chat.render_messages` renders.
-
-    ``tool`` results become ``environment`` turns named ``plugin``; an
-    assistant turn's ``tool_calls`` are written back with
-    `jaxlm.chat.format_tool_call`; ``tools`` add the plugin system turn after
-    the first system message (before everything else without one).
-    """
-    if not isinstance(messages, list) or not messages:
-        raise _bad("messages", "must be a non-empty list")
-    out = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise _bad("messages", f"messages[{i}]: expected an object with 'role' and 'content'")
-        role = message.get("role")
-        if role not in CHAT_ROLES:
-            raise _bad("messages", f"messages[{i}]: role {role!r} is unknown; expected one of {CHAT_ROLES}")
-        content = _content_text(message.get("content"), i, role)
-        if role == "assistant" and message.get("tool_calls"):
-            for call in message["tool_calls"]:
-                fn = call.get("function") if isinstance(call, dict) else None
-                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-                    raise _bad("messages", f"messages[{i}]: each tool call needs a function with a name")
-                args = fn.get("arguments", {})
-                if isinstance(args, str):
-                    try:
-                        args = json.loads(args) if args.strip() else {}
-                    except ValueError:
-                        raise _bad("messages", f"messages[{i}]: tool call arguments are not JSON: {args!r:.80}")
-                content += format_tool_call(fn["name"], args)
-        if role == "tool":
-            out.append({"role": "environment", "name": "plugin", "content": content})
-        elif role == "environment" and message.get("name"):
-            out.append({"role": role, "name": message["name"], "content": content})
-        else:   # OpenAI's participant `name` has no place in InternLM2's format
-            out.append({"role": role, "content": content})
-    if tools and tool_choice != "none":
-        at = 1 if out[0]["role"] == "system" and not out[0].get("name") else 0
-        out.insert(at, tools_message(tools))
-    return out
-
-
-def encode_chat(tokenizer, messages, tools=None, tool_choice=None) -> list[int]:
-    """BOS + InternLM2 chatml + ``<|im_start|>assistant\\n``, as ``model.chat`` builds its prompt."""
-    try:
-        return tokenizer.apply_chat_template(chat_messages(messages, tools, tool_choice), tokenize=True)
-    except JaxlmError as e:
-        raise _bad("messages", str(e).removeprefix("messages: ")) from None
-
-
-def parse_reply(tokenizer, token_ids, text: str) -> tuple[str | None, list[dict] | None]:
-    """(content, tool_calls) of a chat reply. ``text`` is its content decoded with special tokens
-    skipped; the tool call is parsed from ``token_ids`` decoded with them kept."""
-    start = tokenizer.special_tokens.get("<|action_start|>")
-    if start is None or start not in token_ids:
-        return text, None
-    try:
-        call = parse_tool_call(tokenizer.decode(token_ids, skip_special_tokens=False))
-    except JaxlmError:
-        return text, None   # not a well-formed call: plain text
-    if call is None or call.kind != "plugin":
-        return text, None
-    tool_call = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                 "function": {"name": call.name, "arguments": json.dumps(call.parameters, ensure_ascii=False)}}
-    return call.thought or None, [tool_call]
-
-
-# ---------------------------------------------------------------- logprobs
-_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-
-
-class _Tokens:
-    """Token strings and bytes for logprobs (a byte-fallback piece is its one byte)."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self._cache: dict[int, tuple[str, bytes]] = {}
-
-    def __call__(self, token_id: int) -> tuple[str, bytes]:
-        if token_id not in self._cache:
-            tok = self.tokenizer
-            if token_id in tok.special_ids:
-                raw = tok.special_ids[token_id].encode()
-            else:
-                piece = tok.convert_ids_to_tokens([token_id])[0]
-                m = _BYTE_PIECE.fullmatch(piece)
-                raw = bytes([int(m.group(1), 16)]) if m else piece.replace("\u2581", " ").encode()
-            self._cache[token_id] = (raw.decode("utf-8", errors="replace"), raw)
-        return self._cache[token_id]
-
-
-def _completion_logprobs(tokens: _Tokens, steps, offset: int) -> dict:
-    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for step in steps:
-        text, _ = tokens(step.token_id)
-        out["tokens"].append(text)
-        out["token_logprobs"].append(step.logprob)
-        out["top_logprobs"].append({tokens(i)[0]: v for i, v in step.top})
-        out["text_offset"].append(offset)
-        offset += len(text)
-    return out
-
-
-def _chat_logprobs(tokens: _Tokens, steps) -> dict:
-    def entry(token_id, logprob):
-        text, raw = tokens(token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(raw)}
-
-    return {"content": [dict(entry(s.token_id, s.logprob), top_logprobs=[entry(i, v) for i, v in s.top])
-                        for s in steps]}
 
 
 # ----------------------------------------------------------------- the app
@@ -311,7 +92,7 @@ class _App:
                  api_key: str | None, metrics: ServerMetrics):
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
         self.max_model_len, self.api_key, self.metrics = max_model_len, api_key, metrics
-        self.tokens = _Tokens(tokenizer)
+        self.tokens = Tokens(tokenizer)
         self.created = int(time.time())
         eos = set(engine.engine.default_stop) | {tokenizer.eos_token_id}
         im_end = tokenizer.special_tokens.get("<|im_end|>")
@@ -325,18 +106,18 @@ class _App:
             raise APIError(404, f"The model `{name}` does not exist; this server serves `{self.model_name}`.",
                            param="model", code="model_not_found")
 
-    def params(self, body: _Common, max_tokens: int, logprobs: int | None, skip_special_tokens: bool,
+    def params(self, body: CommonFields, max_tokens: int, logprobs: int | None, skip_special_tokens: bool,
                prompt_len: int, prompt_param: str, index: int = 0) -> SamplingParams:
         n = 1 if body.n is None else body.n
         if n < 1:
-            raise _bad("n", f"must be an integer >= 1, got {n}")
+            raise bad_param("n", f"must be an integer >= 1, got {n}")
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(body, name):
-                raise _bad(name, "is not supported (use repetition_penalty)")
+                raise bad_param(name, "is not supported (use repetition_penalty)")
         if body.logit_bias:
-            raise _bad("logit_bias", "is not supported")
+            raise bad_param("logit_bias", "is not supported")
         if prompt_len >= self.max_model_len:
-            raise _bad(prompt_param, f"the prompt ({prompt_len} tokens) leaves no room for output within "
+            raise bad_param(prompt_param, f"the prompt ({prompt_len} tokens) leaves no room for output within "
                                      f"max_model_len ({self.max_model_len})")
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         params = SamplingParams(
@@ -347,7 +128,7 @@ class _App:
             stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=bool(body.ignore_eos), logprobs=logprobs,
             skip_special_tokens=skip_special_tokens)
         if prompt_len + params.max_tokens > self.max_model_len:
-            raise _bad("max_tokens", f"the prompt ({prompt_len} tokens) plus max_tokens ({params.max_tokens}) "
+            raise bad_param("max_tokens", f"the prompt ({prompt_len} tokens) plus max_tokens ({params.max_tokens}) "
                                      f"exceeds max_model_len ({self.max_model_len})")
         return params
 
@@ -355,7 +136,7 @@ class _App:
         try:
             return await self.engine.submit(requests, share_prefix=share_prefix)
         except RequestError as e:
-            raise _bad(e.param, str(e).removeprefix(f"{e.param}: "))
+            raise bad_param(e.param, str(e).removeprefix(f"{e.param}: "))
         except QueueFullError as e:
             raise APIError(429, str(e), type="rate_limit_error", code="rate_limit_exceeded")
         except EngineClosedError as e:
@@ -388,12 +169,12 @@ class _App:
     async def completions(self, body: CompletionRequest, request: Request):
         self.check_model(body.model)
         if body.echo:
-            raise _bad("echo", "is not supported")
+            raise bad_param("echo", "is not supported")
         if body.suffix:
-            raise _bad("suffix", "is not supported")
+            raise bad_param("suffix", "is not supported")
         n = 1 if body.n is None else body.n
         if body.best_of is not None and body.best_of != n:
-            raise _bad("best_of", "is not supported (other than equal to n)")
+            raise bad_param("best_of", "is not supported (other than equal to n)")
         prompts = self.completion_prompts(body.prompt)
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
         requests = []
@@ -412,7 +193,7 @@ class _App:
         out = []
         for i, c in enumerate(choices):
             choice = {"index": i, "text": c.text, "finish_reason": c.finish_reason,
-                      "logprobs": None if body.logprobs is None else _completion_logprobs(self.tokens, c.logprobs, 0)}
+                      "logprobs": None if body.logprobs is None else completion_logprobs(self.tokens, c.logprobs, 0)}
             if body.return_token_ids:
                 choice.update(prompt_token_ids=requests[i][0], token_ids=c.token_ids)
             out.append(choice)
@@ -424,7 +205,7 @@ class _App:
         if isinstance(prompt, str):
             return [self.tokenizer.encode(prompt)]
         if not prompt:
-            raise _bad("prompt", "must not be empty")
+            raise bad_param("prompt", "must not be empty")
         if all(isinstance(p, int) for p in prompt):
             return [list(prompt)]
         out = []
@@ -432,7 +213,7 @@ class _App:
             if isinstance(p, str):
                 out.append(self.tokenizer.encode(p))
             elif not p:
-                raise _bad("prompt", "a token-id prompt must not be empty")
+                raise bad_param("prompt", "a token-id prompt must not be empty")
             else:
                 out.append(list(p))
         return out
@@ -449,7 +230,7 @@ class _App:
                     continue
                 logprobs = None
                 if body.logprobs is not None:
-                    logprobs = _completion_logprobs(self.tokens, out.logprobs or [], offsets[index])
+                    logprobs = completion_logprobs(self.tokens, out.logprobs or [], offsets[index])
                 offsets[index] += len(out.text)
                 chunk = dict(head, choices=[{"index": index, "text": out.text, "logprobs": logprobs,
                                              "finish_reason": out.finish_reason if out.finished else None}])
@@ -468,9 +249,9 @@ class _App:
         prompt = encode_chat(self.tokenizer, body.messages, tools, body.tool_choice)
         if body.top_logprobs is not None:
             if not body.logprobs:
-                raise _bad("top_logprobs", "needs logprobs: true")
+                raise bad_param("top_logprobs", "needs logprobs: true")
             if not 0 <= body.top_logprobs <= MAX_TOP_LOGPROBS:
-                raise _bad("top_logprobs", f"must be in 0..{MAX_TOP_LOGPROBS}, got {body.top_logprobs}")
+                raise bad_param("top_logprobs", f"must be in 0..{MAX_TOP_LOGPROBS}, got {body.top_logprobs}")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         if max_tokens is None:
@@ -493,7 +274,7 @@ class _App:
             if tool_calls:
                 message["tool_calls"] = tool_calls
             choice = {"index": i, "message": message,
-                      "logprobs": _chat_logprobs(self.tokens, c.logprobs) if body.logprobs else None,
+                      "logprobs": chat_logprobs(self.tokens, c.logprobs) if body.logprobs else None,
                       "finish_reason": "tool_calls" if tool_calls else c.finish_reason}
             if body.return_token_ids:
                 choice.update(prompt_token_ids=prompt, token_ids=c.token_ids)
@@ -534,7 +315,7 @@ class _App:
                     text = thought[len(sent[i]):] if thought.startswith(sent[i]) else ""
                 elif held[i]:
                     text = ""
-                logprobs = _chat_logprobs(self.tokens, out.logprobs or []) if body.logprobs else None
+                logprobs = chat_logprobs(self.tokens, out.logprobs or []) if body.logprobs else None
                 if text or (logprobs and logprobs["content"]):
                     sent[i] += text
                     yield chunk(i, {"content": text}, logprobs=logprobs)
@@ -566,7 +347,7 @@ class _APIKeyMiddleware:
         if scope["type"] == "http" and scope["path"].startswith("/v1"):
             given = dict(scope.get("headers") or ()).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
-                response = _error_response(APIError(401, "invalid or missing API key (send Authorization: "
+                response = error_response(APIError(401, "invalid or missing API key (send Authorization: "
                                                          "Bearer KEY)", code="invalid_api_key"))
                 await response(scope, receive, send)
                 return
@@ -594,33 +375,33 @@ def build_app(engine: AsyncEngine, tokenizer, *, model_name: str, max_model_len:
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
-        return _error_response(e)
+        return error_response(e)
 
     @app.exception_handler(RequestError)
     async def _request_error(request, e: RequestError):
-        return _error_response(_bad(e.param, str(e).removeprefix(f"{e.param}: ")))
+        return error_response(bad_param(e.param, str(e).removeprefix(f"{e.param}: ")))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request, e: RequestValidationError):
         first = (e.errors() or [{}])[0]
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         if first.get("type") == "json_invalid":
-            return _error_response(APIError(400, f"malformed JSON: {first.get('msg', '')}"))
+            return error_response(APIError(400, f"malformed JSON: {first.get('msg', '')}"))
         if not loc:
-            return _error_response(APIError(400, "the request body must be a JSON object (sent with "
+            return error_response(APIError(400, "the request body must be a JSON object (sent with "
                                                  "Content-Type: application/json)"))
         param, where = loc[0], ".".join(loc)
-        return _error_response(APIError(400, f"{where}: {first.get('msg', 'invalid value')}", param=param))
+        return error_response(APIError(400, f"{where}: {first.get('msg', 'invalid value')}", param=param))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, e: StarletteHTTPException):
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return _error_response(APIError(e.status_code, str(e.detail), type=kind))
+        return error_response(APIError(e.status_code, str(e.detail), type=kind))
 
     @app.exception_handler(Exception)
     async def _internal_error(request, e: Exception):
         log.exception("request failed")
-        return _error_response(APIError(500, f"internal error: {type(e).__name__}: {e}", type="internal_error"))
+        return error_response(APIError(500, f"internal error: {type(e).__name__}: {e}", type="internal_error"))
 
     if api_key is not None:
         app.add_middleware(_APIKeyMiddleware, api_key=api_key)
