@@ -10,6 +10,9 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                " --xla_force_host_platform_device_count=8").strip()
 
+import gc
+
+import jax
 import numpy as np
 import pytest
 
@@ -42,6 +45,20 @@ def pytest_runtest_makereport(item, call):
     if report.failed:
         report.sections.append(("jaxlm test seed", f"JAXLM_TEST_SEED={SEED}  (reproduce with "
                                                    f"JAXLM_TEST_SEED={SEED} python -m pytest {item.nodeid!r})"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Drops every compiled program and traced function after each test module.
+
+    One pytest process runs the whole suite; jit caches are global, so without this the
+    programs of every module stay resident (hundreds of XLA:CPU executables, each with
+    its constants) and the process grows toward the 24 GB of a CI machine, where an
+    XLA compile then aborts. Modules share few programs, so little is compiled twice.
+    """
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
