@@ -5,6 +5,9 @@
 #   bash benchmarks/gpu/run_all.sh                     # on the GPU machine; logs under $OUT
 #   bash benchmarks/gpu/run_all.sh --dry-run           # here on CPU: interpret mode, tiny sizes
 #   PARTS=kernels,serving bash benchmarks/gpu/run_all.sh   # a subset (e.g. to split the run in two calls)
+# The parts' limits add up to 620 s, past one device call's 600 s: on the lent machine run it as two
+# back-to-back calls (the machine stays warm between them): PARTS=kernels,long_context (360 s),
+# then PARTS=serving,quant_decode (260 s), each with its own OUT.
 # The serving part detokenizes with the real InternLM2 tokenizer: $JAXLM_SHARED/tokenizers/internlm2
 # (default ../shared); on the device machine, carry a copy and point JAXLM_SHARED at it.
 set -euo pipefail
