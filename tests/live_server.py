@@ -7,6 +7,7 @@ with SIGTERM (then killed) by the test that started it.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -38,6 +39,28 @@ def wait_for(predicate, timeout=10.0, interval=0.05):
             return value
         time.sleep(interval)
     return predicate()
+
+
+def http_get(url, headers=None, timeout=60) -> tuple[int, str]:
+    """``(status, body)`` of a GET, error statuses included."""
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def metrics(server) -> dict[str, float]:
+    """The server's Prometheus samples by name (labels included)."""
+    status, text = http_get(server.url + "/metrics")
+    assert status == 200
+    out = {}
+    for line in text.splitlines():
+        m = re.fullmatch(r"([a-z_]+(?:\{[^}]*\})?) ([-+0-9.e]+|NaN)", line)
+        if m:
+            out[m.group(1)] = float(m.group(2))
+    return out
 
 
 def free_port() -> int:

@@ -20,8 +20,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import aiohttp
 import pytest
@@ -40,7 +38,7 @@ from jaxlm.chat import DEFAULT_META_INSTRUCTION
 from jaxlm.serving.protocol import encode_chat
 
 from conftest import REPO, require_shared
-from live_server import CASE, ENGINE_ARGS, MAX_MODEL_LEN, LiveServer, free_port, wait_for
+from live_server import CASE, ENGINE_ARGS, MAX_MODEL_LEN, LiveServer, free_port, http_get, metrics, wait_for
 
 API_KEY = "s3cret-page-key"
 WAIT_S = 60           # any one reply
@@ -100,22 +98,6 @@ def server(golden_dir, tmp_path_factory):
         yield srv
     finally:
         srv.stop()
-
-
-def http_get(url, headers=None) -> tuple[int, str]:
-    req = urllib.request.Request(url, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=WAIT_S) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-
-
-def metrics(server) -> dict[str, float]:
-    status, text = http_get(server.url + "/metrics")
-    assert status == 200
-    return {m.group(1): float(m.group(2))
-            for m in re.finditer(r"^([a-z_]+(?:\{[^}]*\})?) ([-+0-9.e]+)$", text, re.MULTILINE)}
 
 
 # -------------------------------------------------------------------- page

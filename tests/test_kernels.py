@@ -18,13 +18,8 @@ from jax.experimental.pallas import tpu as pltpu
 from jaxlm.kernels import decode_attention, flash_attention, reference_attention, reference_decode
 from jaxlm.kernels.common import poison_outputs
 
-TOL = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2}
+from kernel_checks import TOL, rel_err
 
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    assert np.isfinite(a).all(), "non-finite values: an output element was never written"
-    return float(np.abs(a - b).max() / (np.abs(b).max() + 1e-12))
 
 
 def inputs(r, B, T, S, Hq, Hkv, D, dtype, segments):

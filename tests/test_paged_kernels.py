@@ -27,14 +27,9 @@ from jaxlm.serving.engine import Engine, EngineConfig
 from jaxlm.serving.params import SamplingParams
 from jaxlm.sharding import ACT, make_mesh, named_sharding
 
+from kernel_checks import TOL, rel_err
+
 TPU_INTERPRET = pltpu.InterpretParams(uninitialized_memory="nan")
-TOL = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2}
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    assert np.isfinite(a).all(), "non-finite values: an output element was never written"
-    return float(np.abs(a - b).max() / (np.abs(b).max() + 1e-12))
 
 
 def paged_case(r, lengths, Hq, Hkv, D, page, width, dtype, int8):

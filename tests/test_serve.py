@@ -15,7 +15,6 @@ import contextlib
 import http.client
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -38,7 +37,7 @@ from jaxlm.serving.params import SamplingParams
 from jaxlm.serving.protocol import chat_messages, encode_chat, parse_reply
 
 from conftest import REPO, require_shared
-from live_server import CASE, ENGINE_ARGS, MAX_MODEL_LEN, LiveServer, wait_for
+from live_server import CASE, ENGINE_ARGS, MAX_MODEL_LEN, LiveServer, http_get, metrics, wait_for
 
 MAX_QUEUE = 2
 TIMEOUT = 60          # seconds, any one request
@@ -105,26 +104,6 @@ def post(server, path, body, headers=None, raw: bytes | None = None):
         return e.code, json.loads(e.read())
 
 
-def get(server, path, headers=None):
-    req = urllib.request.Request(server.url + path, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=TIMEOUT) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-
-
-def metrics(server) -> dict[str, float]:
-    status, text = get(server, "/metrics")
-    assert status == 200
-    out = {}
-    for line in text.splitlines():
-        m = re.fullmatch(r"([a-z_]+(?:\{[^}]*\})?) ([-+0-9.e]+|NaN)", line)
-        if m:
-            out[m.group(1)] = float(m.group(2))
-    return out
-
-
 def greedy(**kw):
     return dict(temperature=0.0, **kw)
 
@@ -169,8 +148,8 @@ def read_events(resp, limit=10_000):
 
 # -------------------------------------------------------------------- tests
 def test_health_and_models(server):
-    assert get(server, "/health")[0] == 200
-    status, body = get(server, "/v1/models")
+    assert http_get(server.url + "/health")[0] == 200
+    status, body = http_get(server.url + "/v1/models")
     assert status == 200
     assert [m["id"] for m in json.loads(body)["data"]] == [CASE]       # the directory's basename
 
@@ -302,12 +281,12 @@ def test_bad_inputs_get_openai_errors_and_the_server_keeps_serving(server):
     for raw in (b"{not json", b"[1, 2]", b""):
         got, reply = post(server, "/v1/chat/completions", None, raw=raw)
         assert got in (400, 422) and set(reply["error"]) == {"message", "type", "param", "code"}, reply
-    assert get(server, "/v1/nothing-here")[0] == 404
+    assert http_get(server.url + "/v1/nothing-here")[0] == 404
     # exactly at max_model_len is allowed
     status, body = post(server, "/v1/completions", dict(prompt=LONG, max_tokens=6, ignore_eos=True, **greedy()))
     assert status == 200 and body["usage"]["total_tokens"] == MAX_MODEL_LEN
     status, body = post(server, "/v1/completions", dict(prompt="still here", max_tokens=2, **greedy()))
-    assert status == 200 and get(server, "/health")[0] == 200
+    assert status == 200 and http_get(server.url + "/health")[0] == 200
 
 
 def test_a_full_queue_answers_429_and_recovers(server):
@@ -457,7 +436,7 @@ def test_api_key_served_name_and_sigterm_with_an_open_stream(server, golden_dir,
                        "--served-model-name", "internlm2-test")
     try:
         srv.wait_healthy()
-        assert get(srv, "/v1/models")[0] == 401
+        assert http_get(srv.url + "/v1/models")[0] == 401
         status, body = post(srv, "/v1/completions", dict(prompt="x"), headers={"Authorization": "Bearer wrong"})
         assert status == 401 and body["error"]["code"] == "invalid_api_key"
         key = openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret", max_retries=0, timeout=TIMEOUT)

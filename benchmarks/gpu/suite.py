@@ -48,6 +48,18 @@ def timed(fn, *args, iters: int, warmup: int = 2) -> float:
     return float(np.median(times))
 
 
+def kv_read_row(row: dict, label: str, fn, args, kv_bytes: int, iters: int) -> dict:
+    """One timing row of a KV-reading kernel: seconds and GB/s of KV read, or the error it raised."""
+    try:
+        row["s"] = timed(jax.jit(fn), *args, iters=iters)
+        row["gbps"] = kv_bytes / row["s"] / 1e9
+        log(f"{label}: {row['s'] * 1e6:.1f} us, {row['gbps']:.0f} GB/s of KV")
+    except Exception as e:  # recorded in the table: one failing kernel does not end the suite
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        log(f"{label}: {row['error']}")
+    return row
+
+
 def rel(a, b) -> float:
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     if not np.isfinite(a).all():
@@ -232,15 +244,8 @@ def decode_timings(dry: bool, interpret) -> list[dict]:
             kv_bytes = 2 * B * S * Hkv * D * 2
             for name, fn in (("jaxlm", lambda *a: decode_attention(*a, interpret=interpret)),
                              ("xla", xla_decode_attention)):
-                row = dict(S=S, B=B, impl=name)
-                try:
-                    row["s"] = timed(jax.jit(fn), q, kc, vc, lengths, iters=1 if dry else 50)
-                    row["gbps"] = kv_bytes / row["s"] / 1e9
-                    log(f"decode S={S} B={B} {name}: {row['s'] * 1e6:.1f} us, {row['gbps']:.0f} GB/s of KV")
-                except Exception as e:
-                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-                    log(f"decode S={S} B={B} {name}: {row['error']}")
-                rows.append(row)
+                rows.append(kv_read_row(dict(S=S, B=B, impl=name), f"decode S={S} B={B} {name}", fn,
+                                        (q, kc, vc, lengths), kv_bytes, iters=1 if dry else 50))
     return rows
 
 
@@ -281,15 +286,8 @@ def paged_timings(dry: bool, interpret) -> list[dict]:
                     interpret=interpret),
             }
             for name, fn in impls.items():
-                row = dict(S=S, B=B, impl=name, dtype=dtype)
-                try:
-                    row["s"] = timed(jax.jit(fn), q, kv, iters=1 if dry else 20)
-                    row["gbps"] = kv_bytes / row["s"] / 1e9
-                    log(f"paged S={S} B={B} {dtype} {name}: {row['s'] * 1e6:.1f} us, {row['gbps']:.0f} GB/s of KV")
-                except Exception as e:
-                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-                    log(f"paged S={S} B={B} {dtype} {name}: {row['error']}")
-                rows.append(row)
+                rows.append(kv_read_row(dict(S=S, B=B, impl=name, dtype=dtype), f"paged S={S} B={B} {dtype} {name}",
+                                        fn, (q, kv), kv_bytes, iters=1 if dry else 20))
     return rows
 
 
